@@ -1,0 +1,149 @@
+"""``manifest.json``: read it, and update it from several writer processes safely.
+
+Writers (one per rank, possibly several processes) take an exclusive ``flock`` on
+``manifest.lock``, read the manifest, change their own rank's entry, and replace
+the file atomically (write a temporary file, fsync, ``os.replace``). A reader never
+sees a half-written manifest. Each rank also holds ``rank-NNNN.lock`` for its whole
+life: when a reader can take that lock, the rank's writer is gone.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import RecordingError
+from .schema import MANIFEST, MANIFEST_LOCK, SCHEMA_VERSION, rank_lock_path
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def read_manifest(root: Path) -> dict:
+    """The manifest of the recording at ``root``; a clear error if missing, corrupt or too new."""
+    path = Path(root) / MANIFEST
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecordingError(f"{root} is not a recording: no {MANIFEST}", "not a recording") from None
+    try:
+        man = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordingError(f"{path} is corrupt: {e}", "corrupt manifest") from None
+    if not isinstance(man, dict) or "schema_version" not in man:
+        raise RecordingError(f"{path} is corrupt: no schema_version", "corrupt manifest")
+    ver = man["schema_version"]
+    if not isinstance(ver, int) or ver > SCHEMA_VERSION:
+        raise RecordingError(
+            f"{root} has schema_version {ver!r}; this replay reads versions up to {SCHEMA_VERSION}: upgrade replay",
+            "recording too new")
+    man.setdefault("ranks", {})
+    return man
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    fd = os.open(Path(root) / MANIFEST_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new bytes, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def overall_status(man: dict) -> str:
+    statuses = [r.get("status", "recording") for r in man.get("ranks", {}).values()]
+    if not statuses:
+        return man.get("status", "recording")
+    if "salvaged" in statuses:
+        return "salvaged"
+    if all(s == "complete" for s in statuses):
+        return "complete"
+    return "recording"
+
+
+def update_manifest(root: Path, change: Callable[[dict], None], *, create: dict | None = None) -> dict:
+    """Apply ``change`` to the manifest under the lock; ``create`` is the manifest if none exists yet."""
+    root = Path(root)
+    with _locked(root):
+        path = root / MANIFEST
+        if path.exists():
+            man = read_manifest(root)
+        elif create is not None:
+            man = dict(create)
+            man.setdefault("ranks", {})
+        else:
+            raise RecordingError(f"{root} is not a recording: no {MANIFEST}", "not a recording")
+        change(man)
+        man["status"] = overall_status(man)
+        man["updated_at"] = now_iso()
+        write_atomic(path, json.dumps(man, indent=1, sort_keys=True).encode())
+        return man
+
+
+def new_manifest(run_id: str, run_config: dict) -> dict:
+    return {"schema_version": SCHEMA_VERSION, "run_id": run_id, "created_at": now_iso(),
+            "status": "recording", "run_config": run_config, "ranks": {}}
+
+
+def host_id() -> str:
+    return socket.gethostname()
+
+
+def hold_rank_lock(root: Path, rank: int) -> int:
+    """Take rank ``rank``'s life lock; a clear error if a live writer already holds it."""
+    fd = os.open(rank_lock_path(root, rank), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RecordingError(f"rank {rank} of {root} is being written by another live process",
+                             "rank in use") from None
+    return fd
+
+
+def writer_alive(root: Path, rank: int) -> bool:
+    """True when rank ``rank``'s writer still holds its life lock."""
+    path = rank_lock_path(root, rank)
+    if not path.exists():
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def wait_writer_gone(root: Path, rank: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while writer_alive(root, rank):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
