@@ -1,0 +1,578 @@
+"""The recorder's writer thread and its segment files.
+
+Callers put :class:`~replay._convert.Item` s on a bounded queue (a full queue blocks
+the caller: back-pressure). One thread drains it, gathers rows per table, and writes
+a table's batch when it holds ``batch_rows`` rows or ``batch_tokens`` tokens, when
+its oldest row is ``flush_interval_s`` old, on :meth:`Writer.flush` and on close.
+
+Each (table, rank) has one open segment ``part-NNNNN.arrows``: an Arrow IPC stream
+with zstd buffers, flushed to the OS after every batch, so a ``kill -9`` loses only
+rows not yet written. Past ``segment_bytes`` (in the writer thread, which pauses
+for it) and on close (all segments at once) the segment becomes an Arrow IPC file
+``part-NNNNN.arrow``: the stream's bytes plus a footer, under a temporary name,
+fsync, ``os.replace``, then the stream is deleted. A crash in between leaves the
+stream, or the file and the stream (readers prefer the file). Closed segments go to
+the manifest with their rows, bytes and sha256 (``on_segment`` during the run,
+:attr:`Writer.final_segments` on close).
+
+A failure in the thread (disk full, permission denied, a bug) is logged, counted and
+kept in :attr:`Writer.error`; the thread goes on with what it can and never touches
+segments already closed.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import os
+import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+
+from . import _convert as cv
+from .schema import SCHEMAS, SEGMENT_RE, rank_dir, segment_path
+from .validate import StepTracker, row_json, scalar
+
+log = logging.getLogger("replay.recorder")
+IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd", use_threads=False)
+
+
+@dataclass
+class WriterConfig:
+    """How the writer thread batches, bounds and rotates."""
+
+    max_queue_rows: int = 4096            # calls waiting in the queue before callers block
+    max_queue_bytes: int = 256 << 20      # estimated bytes waiting before callers block
+    batch_rows: int = 256                 # write a table's batch at this many rows ...
+    batch_tokens: int = 131072            # ... or at this many tokens (or top-k positions)
+    flush_interval_s: float = 1.0         # ... or when its oldest row waited this long
+    segment_bytes: int = 64 << 20         # rotate a segment (stream -> file) past this size
+
+
+# ---------------------------------------------------------------- segment files
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# An IPC file is the IPC stream between a magic prefix and a footer that indexes the
+# record-batch messages. So a closed segment is the stream's bytes, copied as they are
+# (no decompression, no second compression), plus a footer: the footer pyarrow writes
+# for the same schema and as many (empty) batches, with the index entries set to the
+# real messages. Checked against pyarrow's own file writer in the tests; anything
+# unexpected falls back to re-encoding the batches.
+_MAGIC = b"ARROW1\x00\x00"
+_CONT = b"\xff\xff\xff\xff"
+_EOS = _CONT + b"\x00\x00\x00\x00"
+_SCHEMA_MSG, _BATCH_MSG = 1, 3  # flatbuffer MessageHeader union tags
+
+
+def _table_field(buf: bytes, table: int, index: int) -> int | None:
+    """Position of field ``index`` of the flatbuffer table at ``table`` (None when absent)."""
+    vtable = table - struct.unpack_from("<i", buf, table)[0]
+    if 4 + 2 * index >= struct.unpack_from("<H", buf, vtable)[0]:
+        return None
+    off = struct.unpack_from("<H", buf, vtable + 4 + 2 * index)[0]
+    return table + off if off else None
+
+
+def _message(meta: bytes) -> tuple[int, int, int]:
+    """(header type, body length, rows) of one IPC Message flatbuffer."""
+    root = struct.unpack_from("<I", meta, 0)[0]
+    f_type, f_header, f_body = (_table_field(meta, root, i) for i in (1, 2, 3))
+    kind = meta[f_type] if f_type is not None else 0
+    body = struct.unpack_from("<q", meta, f_body)[0] if f_body is not None else 0
+    rows = 0
+    if kind == _BATCH_MSG and f_header is not None:
+        header = f_header + struct.unpack_from("<I", meta, f_header)[0]
+        f_len = _table_field(meta, header, 0)
+        rows = struct.unpack_from("<q", meta, f_len)[0] if f_len is not None else 0
+    return kind, body, rows
+
+
+def _index_stream(data: memoryview) -> tuple[list[tuple[int, int, int, int]], int]:
+    """([(offset, metadata bytes, body bytes, rows)] of the complete batches, end of the last one)."""
+    pos, blocks, n = 0, [], len(data)
+    while pos + 8 <= n and data[pos:pos + 4] == _CONT:
+        size = struct.unpack_from("<i", data, pos + 4)[0]
+        if size <= 0 or pos + 8 + size > n:
+            break  # end-of-stream marker, or a torn message
+        kind, body, rows = _message(bytes(data[pos + 8:pos + 8 + size]))
+        if pos + 8 + size + body > n:
+            break
+        if kind == _BATCH_MSG:
+            blocks.append((pos, 8 + size, body, rows))
+        elif kind != _SCHEMA_MSG or pos:
+            raise ValueError(f"unexpected IPC message type {kind}")
+        pos += 8 + size + body
+    return blocks, pos
+
+
+def _footer(schema: pa.Schema, blocks: list[tuple[int, int, int, int]]) -> bytes:
+    """The file footer for ``blocks`` (offsets are into the file, after the magic)."""
+    sink = pa.BufferOutputStream()
+    empty = pa.RecordBatch.from_pylist([], schema=schema)
+    with pa.ipc.new_file(sink, schema, options=IPC_OPTIONS) as w:
+        for _ in blocks:
+            w.write_batch(empty)
+    data = sink.getvalue().to_pybytes()
+    size = struct.unpack_from("<i", data, len(data) - 10)[0]
+    footer = bytearray(data[len(data) - 10 - size:len(data) - 10])
+    root = struct.unpack_from("<I", footer, 0)[0]
+    field = _table_field(footer, root, 3)  # Footer.recordBatches: [Block]
+    vec = field + struct.unpack_from("<I", footer, field)[0]
+    if struct.unpack_from("<I", footer, vec)[0] != len(blocks):
+        raise ValueError("unexpected footer layout")
+    for k, (offset, meta, body, _) in enumerate(blocks):
+        struct.pack_into("<qi4xq", footer, vec + 4 + 24 * k, len(_MAGIC) + offset, meta, body)
+    return bytes(footer)
+
+
+def _copy_as_file(stream: Path, tmp: Path) -> tuple[int, str]:
+    """Write the IPC file of ``stream`` to ``tmp`` from the stream's bytes; (rows, sha256)."""
+    data = stream.read_bytes()
+    schema = pa.ipc.open_stream(pa.py_buffer(data)).schema
+    blocks, end = _index_stream(memoryview(data))
+    if data[end:] not in (b"", _EOS):
+        log.warning("segment %s ends in a torn batch (%d bytes): kept the %d batches before it",
+                    stream, len(data) - end, len(blocks))
+    footer = _footer(schema, blocks)
+    h = hashlib.sha256()
+    with open(tmp, "wb") as f:
+        for part in (_MAGIC, memoryview(data)[:end], _EOS, footer, struct.pack("<i", len(footer)), b"ARROW1"):
+            f.write(part)
+            h.update(part)
+        f.flush()
+        os.fsync(f.fileno())
+    back = pa.ipc.open_file(str(tmp))  # the footer reads back: index and schema agree
+    if back.num_record_batches != len(blocks) or not back.schema.equals(schema, check_metadata=True):
+        raise ValueError("the rebuilt file does not read back")
+    return sum(b[3] for b in blocks), h.hexdigest()
+
+
+def _reencode_as_file(stream: Path, tmp: Path) -> tuple[int, str]:
+    """Write the IPC file of ``stream`` to ``tmp`` batch by batch (decode, encode); (rows, sha256)."""
+    rows = 0
+    with pa.OSFile(str(stream)) as src:
+        reader = pa.ipc.open_stream(src)
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, reader.schema, options=IPC_OPTIONS) as out:
+            while True:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    break
+                except (pa.ArrowInvalid, OSError):
+                    break  # a torn tail: keep what came before
+                out.write_batch(batch)
+                rows += batch.num_rows
+    h = hashlib.sha256()
+    with open(tmp, "rb+") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+        os.fsync(f.fileno())
+    return rows, h.hexdigest()
+
+
+def stream_to_file(stream: Path, final: Path) -> dict:
+    """Turn the IPC stream ``stream`` into the IPC file ``final``; return its manifest entry.
+
+    Keeps every complete batch (a torn tail after a write error is dropped), writes
+    under a temporary name, fsyncs, replaces, then removes the stream: a crash at any
+    point leaves the stream, or the file (and maybe the stream, which readers skip).
+    """
+    tmp = final.with_name(f".{final.name}.tmp")
+    try:
+        try:
+            rows, sha = _copy_as_file(stream, tmp)
+        except (ValueError, struct.error, IndexError, pa.ArrowInvalid) as e:
+            log.warning("segment %s: rebuilt by re-encoding its batches (%s)", stream, e)
+            rows, sha = _reencode_as_file(stream, tmp)
+        entry = {"rows": rows, "bytes": tmp.stat().st_size, "sha256": sha}
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # No fsync after this: should the removal be lost, the stream and the file are both
+    # there and readers take the file.
+    stream.unlink()
+    return entry
+
+
+class Segment:
+    """The open stream segment of one table of one rank."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = pa.OSFile(str(path), "wb")
+        self._sink = pa.BufferedOutputStream(self._file, 1 << 20)
+        self._writer = pa.ipc.new_stream(self._sink, schema, options=IPC_OPTIONS)
+        self._sink.flush()
+        self.rows = 0
+
+    @property
+    def bytes(self) -> int:
+        return self._file.tell()
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self._writer.write_batch(batch)
+        self._sink.flush()  # into the OS: survives the death of this process
+        self.rows += batch.num_rows
+
+    def abandon(self) -> None:
+        """Close after a failed write, adding nothing: the torn tail stays as it is."""
+        try:
+            self._file.close()
+        except (OSError, pa.ArrowException):
+            pass
+
+    def close(self) -> None:
+        """Write the end-of-stream marker and close; quietly, when the disk refuses."""
+        for step in (self._writer.close, self._sink.close):
+            try:
+                step()
+            except (OSError, pa.ArrowException):
+                pass
+
+
+def next_part(root: Path, table: str, rank: int) -> int:
+    """The first unused segment number of ``table`` for ``rank``."""
+    d = rank_dir(root, table, rank)
+    parts = [int(m.group(1)) for p in (d.iterdir() if d.is_dir() else ()) if (m := SEGMENT_RE.match(p.name))]
+    return max(parts) + 1 if parts else 0
+
+
+# ---------------------------------------------------------------- the queue
+
+class BoundedQueue:
+    """FIFO of many producers and one consumer, bounded by item count and estimated bytes.
+
+    ``put`` on a full queue waits until the consumer drains it (an empty queue takes
+    any item, however large). The common path takes no lock the consumer holds: a
+    deque append and a wake-up only when the consumer sleeps, so a producer never
+    waits on the consumer's thread unless the queue is full.
+    """
+
+    def __init__(self, max_items: int, max_bytes: int, wake_items: int = 1, wake_bytes: int = 0):
+        self._items: collections.deque = collections.deque()
+        self._max_items, self._max_bytes = max_items, max_bytes
+        # the consumer sleeps until this many items / bytes are queued (or an urgent put,
+        # or its own timeout): fewer wake-ups, bigger batches, less GIL traffic
+        self._wake_items = max(1, min(wake_items, max_items))
+        self._wake_bytes = min(wake_bytes, max_bytes)
+        self._bytes_in = 0                 # bytes put so far (producers)
+        self._bytes_out = 0                # bytes taken so far (consumer)
+        self._count_lock = threading.Lock()  # producers only: keeps _bytes_in exact
+        self._wake = threading.Event()     # set to wake the sleeping consumer
+        self._sleeping = False
+        self._space = threading.Condition()  # producers wait here while the queue is full
+        self._blocked = 0
+        self.closed = False                # set when the consumer is gone
+
+    def _full(self) -> bool:
+        return bool(self._items) and (len(self._items) >= self._max_items
+                                      or self._bytes_in - self._bytes_out >= self._max_bytes)
+
+    def put(self, item: Any, nbytes: int = 0, urgent: bool = False) -> bool:
+        """Queue ``item``; False (and nothing queued) once the consumer is gone."""
+        if self._full():
+            with self._space:
+                self._blocked += 1
+                try:
+                    while self._full() and not self.closed:
+                        self._space.wait(0.05)  # the timeout guards against a missed notify
+                finally:
+                    self._blocked -= 1
+        if self.closed:
+            return False
+        with self._count_lock:
+            self._bytes_in += nbytes
+            self._items.append((item, nbytes))
+        if self._sleeping and (urgent or len(self._items) >= self._wake_items
+                               or self._bytes_in - self._bytes_out >= self._wake_bytes):
+            self._wake.set()
+        return True
+
+    def close(self) -> None:
+        """The consumer is gone: wake and refuse every producer from now on."""
+        self.closed = True
+        with self._space:
+            self._space.notify_all()
+
+    def get_all(self, timeout: float | None) -> list:
+        """Everything queued, waiting up to ``timeout`` seconds (None: forever) for a first item."""
+        if not self._items:
+            self._sleeping = True
+            self._wake.clear()
+            if not self._items:
+                self._wake.wait(timeout)
+            self._sleeping = False
+        pop = self._items.popleft
+        pairs = [pop() for _ in range(len(self._items))]  # later puts wait for the next call
+        self._bytes_out += sum(n for _, n in pairs)
+        out = [item for item, _ in pairs]
+        if self._blocked:
+            with self._space:
+                self._space.notify_all()
+        return out
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class _Control:
+    """A flush or close request: done once everything queued before it is written."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.done = threading.Event()
+
+
+# ---------------------------------------------------------------- the thread
+
+class Writer:
+    """Owns the segments of one rank; everything but :meth:`submit`/:meth:`flush`/:meth:`close`
+    runs on its own thread."""
+
+    def __init__(self, root: Path, rank: int, config: WriterConfig,
+                 on_segment: Callable[[str, dict], None], *, append: bool = False):
+        self.root, self.rank, self.config = Path(root), rank, config
+        self.on_segment = on_segment
+        self.tracker = StepTracker()  # order checks of rows validated here (lenient mode)
+        self.queue = BoundedQueue(config.max_queue_rows, config.max_queue_bytes,
+                                  wake_items=config.batch_rows, wake_bytes=config.max_queue_bytes // 4)
+        self._pending: dict[str, list[tuple]] = collections.defaultdict(list)
+        self._pending_tokens: dict[str, int] = collections.defaultdict(int)
+        self._oldest: dict[str, int] = {}  # time_ns of the oldest pending row per table
+        self._segments: dict[str, Segment] = {}
+        self._torn: list[tuple[str, Segment]] = []  # segments given up after a write error
+        self.final_segments: list[tuple[str, dict]] = []  # (table, entry) of segments closed on close
+        self._parts = {t: next_part(self.root, t, rank) if append else 0 for t in SCHEMAS}
+        self.rows = collections.Counter()     # rows written per table
+        self.tokens = collections.Counter()   # tokens written per table
+        self.bytes_closed = 0                 # bytes of closed segment files
+        self.rejects = 0                      # rows refused by validation
+        self.dropped = 0                      # rows lost to errors of this thread
+        self.errors = 0                       # errors of this thread
+        self.error: BaseException | None = None  # the first one
+        self.cpu_s = 0.0                      # CPU time of this thread so far
+        self.dead = False                     # the thread ended on an unexpected error
+        self._warned: set = set()
+        self._thread = threading.Thread(target=self._run, name=f"replay-writer-{rank}", daemon=True)
+        self._thread.start()
+
+    # ---- caller side
+    def submit(self, item: tuple, nbytes: int) -> None:
+        if not self.queue.put(item, nbytes):  # nothing would ever drain it: the row is lost, counted
+            self.dropped += 1
+
+    def _control(self, kind: str) -> None:
+        c = _Control(kind)
+        if not self._thread.is_alive() or not self.queue.put(c, urgent=True):
+            return
+        while not c.done.wait(0.1):
+            if not self._thread.is_alive():
+                return
+
+    def flush(self) -> None:
+        self._control("flush")
+
+    def close(self) -> None:
+        self._control("close")
+        self._thread.join()
+
+    def pending_rows(self) -> int:
+        return len(self.queue) + sum(len(v) for v in list(self._pending.values()))
+
+    def open_bytes(self) -> int:
+        total = 0
+        for seg in list(self._segments.values()):
+            try:
+                total += seg.bytes
+            except (OSError, pa.ArrowException):
+                pass
+        return total
+
+    # ---- writer thread
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - a bug here must not hang the callers
+            self._fail(e, "the writer thread")
+            self.dead = True
+            self.queue.close()
+            self.dropped += len(self.queue) + sum(len(v) for v in self._pending.values())
+        finally:
+            self.cpu_s = time.thread_time()
+
+    def _loop(self) -> None:
+        interval_ns = int(self.config.flush_interval_s * 1e9)
+        while True:
+            self.cpu_s = time.thread_time()
+            for item in self.queue.get_all(self._next_deadline()):
+                if isinstance(item, _Control):
+                    self._guard(self._write_all)
+                    if item.kind == "close":
+                        self._guard(self._close_segments)
+                        item.done.set()
+                        return
+                    item.done.set()
+                    continue
+                t = item[cv.TABLE]
+                self._pending[t].append(item)
+                self._pending_tokens[t] += item[cv.TOKENS]
+                self._oldest.setdefault(t, item[cv.TIME_NS])
+                if len(self._pending[t]) >= self.config.batch_rows or \
+                        self._pending_tokens[t] >= self.config.batch_tokens:
+                    self._guard(self._write_table, t)
+            now = time.time_ns()
+            for t, since in list(self._oldest.items()):
+                if now - since >= interval_ns:
+                    self._guard(self._write_table, t)
+
+    def _next_deadline(self) -> float:
+        """Seconds until the oldest pending row is due; the queue is looked at least this often."""
+        if not self._oldest:
+            return self.config.flush_interval_s
+        due = min(self._oldest.values()) / 1e9 + self.config.flush_interval_s
+        return min(self.config.flush_interval_s, max(0.0, due - time.time()))
+
+    def _guard(self, fn: Callable, *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - never let the thread die: count, log, go on
+            self._fail(e, f"{fn.__name__}({args[0]!r})" if args else fn.__name__)
+
+    def _fail(self, e: BaseException, where: str) -> None:
+        self.errors += 1
+        if self.error is None:
+            self.error = e
+        key = (type(e), where)
+        if key not in self._warned:
+            self._warned.add(key)
+            log.error("recorder (rank %d) failed in %s: %s: %s; recording goes on with what it can",
+                      self.rank, where, type(e).__name__, e, exc_info=not isinstance(e, OSError))
+
+    def _write_all(self) -> None:
+        for t in list(self._pending):
+            self._guard(self._write_table, t)
+
+    def _write_table(self, table: str) -> None:
+        items = self._pending.pop(table, [])
+        self._pending_tokens.pop(table, None)
+        self._oldest.pop(table, None)
+        if not items:
+            return
+        schema = SCHEMAS[table]
+        try:
+            if table in ("rollouts", "trainer", "replays"):
+                built = cv.build_rows(table, schema, items, self.rank, self.tracker)
+            elif table == "topk":
+                built = cv.build_topk(schema, items, self.rank, self.tracker)
+            else:
+                built = cv.build_simple(table, schema, items, self.rank)
+        except Exception:
+            self.dropped += len(items)
+            raise
+        if built.rejects:
+            self._reject(built.rejects)
+        if built.batch is not None:
+            self._append(table, built.batch, built.tokens)
+        if built.rejects and table != "rejects":
+            self._write_table("rejects")
+
+    def _reject(self, rejects: list) -> None:
+        for item, p in rejects:
+            self.rejects += 1
+            table, row = item[cv.TABLE], cv.row_of(item)
+            key = (table, p.field)
+            if key not in self._warned:
+                self._warned.add(key)
+                log.warning("recorder: %s row refused (field %s: %s; step=%s, request_id=%s); it goes to "
+                            "the rejects table, further ones for this field are not logged",
+                            table, p.field, p.reason, row.get("step"), row.get("request_id"))
+            self._pending["rejects"].append(reject_item(table, row, p, item[cv.TIME_NS]))
+
+    def _append(self, table: str, batch: pa.RecordBatch, tokens: int) -> None:
+        seg = self._segments.get(table)
+        try:
+            if seg is None:
+                part = self._parts[table]
+                self._parts[table] += 1
+                seg = self._segments[table] = Segment(
+                    segment_path(self.root, table, self.rank, part, open_=True), SCHEMAS[table])
+            seg.write(batch)
+        except Exception:
+            self.dropped += batch.num_rows
+            if seg is not None:  # a torn stream takes no more batches: the next goes to a new part
+                self._segments.pop(table, None)
+                seg.abandon()
+                self._torn.append((table, seg))  # its complete batches become a file on close
+            raise
+        self.rows[table] += batch.num_rows
+        if tokens:
+            self.tokens[table] += tokens
+        if seg.bytes >= self.config.segment_bytes:
+            self._rotate(table)
+
+    def _rotate(self, table: str) -> None:
+        seg = self._segments.pop(table)
+        seg.close()
+        self._finalize(table, seg)
+
+    def _finalize(self, table: str, seg: Segment) -> None:
+        final = seg.path.with_suffix(".arrow")
+        entry = stream_to_file(seg.path, final)
+        entry["path"] = final.relative_to(self.root).as_posix()
+        self.bytes_closed += entry["bytes"]
+        self.on_segment(table, entry)
+
+    def _close_segments(self) -> None:
+        """Turn every open (and torn) segment into a file, several at once (their fsyncs overlap).
+
+        The entries are kept in :attr:`final_segments` for one manifest update on close.
+        """
+        for seg in self._segments.values():
+            seg.close()
+        todo = list(self._segments.items()) + self._torn
+        self._segments.clear()
+        self._torn = []
+        if not todo:
+            return
+        with ThreadPoolExecutor(max_workers=min(8, len(todo)), thread_name_prefix="replay-close") as pool:
+            futures = [(table, seg, pool.submit(stream_to_file, seg.path, seg.path.with_suffix(".arrow")))
+                       for table, seg in todo]
+            for table, seg, fut in futures:
+                try:
+                    entry = fut.result()
+                except Exception as e:  # noqa: BLE001 - the stream stays for readers to salvage
+                    self._fail(e, f"_finalize({table!r})")
+                    continue
+                entry["path"] = seg.path.with_suffix(".arrow").relative_to(self.root).as_posix()
+                self.bytes_closed += entry["bytes"]
+                self.final_segments.append((table, entry))
+
+
+def reject_item(table: str, row: dict, problem: Any, time_ns: int) -> tuple:
+    """The ``rejects`` row for a refused ``row`` of ``table``: everything kept as JSON."""
+    rid = row.get("request_id")
+    return cv.Item("rejects", {"table": table, "step": _int_or_none(row.get("step")),
+                               "request_id": rid if isinstance(rid, str) else None,
+                               "field": problem.field, "reason": problem.reason,
+                               "row": row_json(row)}, time_ns, True)
+
+
+def _int_or_none(x: Any) -> int | None:
+    x = scalar(x)
+    return x if isinstance(x, int) and not isinstance(x, bool) else None

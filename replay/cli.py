@@ -1,0 +1,212 @@
+"""``replay``: the command line, a thin front end over the library.
+
+Exit codes are an API: 0 success, 1 a data error (a recording that cannot be read,
+a failing query, a doctor report with problems left), 2 bad usage. Errors print one
+line, ``replay: <title>: <message>``, on stderr, never a traceback.
+
+Commands live in two places. ``info``, ``sql`` and ``doctor`` are defined here. The
+others are named in :data:`COMMANDS` with the module that defines them; such a module
+exposes ``add_parser(subparsers)``, which adds a parser of that name and sets
+``func=handler`` on it (``handler(args) -> int``). The module is imported only when
+its command runs, so a heavy or missing one never slows or breaks the rest.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import __version__
+from .errors import BadInput, ReplayError
+from .schema import SCHEMA_VERSION
+
+# command -> (module defining it, one-line help shown in `replay --help`)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("replay.demo.cli", "run the embedded demo: a tiny real RL run, recorded"),
+    "rerun": ("replay.rerun", "re-execute recorded steps under another engine config"),
+    "bisect": ("replay.bisect_cli", "find where a run departs: steps, fixes, tokens, layers"),
+    "tui": ("replay.tui_cli", "browse recordings in the terminal UI"),
+    "import": ("replay.importers_cli", "turn another tool's logs into a recording"),
+}
+FORMAT_HELP = "output format (default: table)"
+MAX_ROWS = 200  # rows a `sql` table shows unless --max-rows says otherwise
+
+
+# ---------------------------------------------------------------- built-in commands
+
+def _format_arg(p: argparse.ArgumentParser) -> None:
+    from ._format import FORMATS
+    p.add_argument("--format", choices=FORMATS, default="table", help=FORMAT_HELP)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from ._format import info_output
+    from .recording import open_recording
+
+    with open_recording(args.path, salvage=not args.no_salvage) as rec:
+        print(info_output(rec.info(), args.format))
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from ._format import Rows, rows_output
+    from .recording import open_recording
+
+    paths = list(args.args)
+    if args.file is not None:
+        query = sys.stdin.read() if args.file == "-" else _read_text(args.file)
+    elif len(paths) < 2:
+        raise _Usage("sql needs at least one recording and a query (or --file)")
+    else:
+        query = paths.pop()
+    names = args.names.split(",") if args.names else None
+    with open_recording(paths, salvage=not args.no_salvage, names=names) as rec:
+        rel = rec.sql(query)
+        if rel is None:
+            res = Rows([], [], [])
+        else:
+            limit = None
+            if args.format == "table":
+                limit = args.max_rows
+                rel = rel.limit(limit + 1)
+            res = Rows(list(rel.columns), [str(t) for t in rel.types], rel.fetchall())
+        print(rows_output(res, args.format, max_rows=limit if args.format == "table" else None))
+    return 0
+
+
+cmd_sql.more_positionals = "args"  # positionals after an option still belong to PATH... QUERY
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from ._format import doctor_output
+    from .doctor import doctor
+
+    report = doctor(args.path, repair=not args.no_repair)
+    print(doctor_output(report, args.format))
+    return 0 if report["ok"] else 1
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise BadInput(f"cannot read query file {path}: {e.strerror or e}", field="--file") from None
+
+
+class _Usage(Exception):
+    """Bad usage found after parsing: reported like argparse's own errors (exit 2)."""
+
+
+def _add_builtin(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="summary of a recording: status, ranks, steps, tokens",
+                       description="Print a recording's summary. Salvages dead writers first.")
+    p.add_argument("path", help="recording folder")
+    p.add_argument("--no-salvage", action="store_true", help="do not salvage dead writers")
+    _format_arg(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "sql", help="run SQL over one or several recordings",
+        description="Run a DuckDB query. Tables: events rollouts trainer topk metrics weights "
+                    "rejects replays; views: tokens sequences step_metrics. With several "
+                    "recordings each is a schema named after its folder (a.tokens, b.tokens).")
+    p.add_argument("args", nargs="+", metavar="PATH [PATH ...] QUERY",
+                   help="recording folders, then the query (unless --file gives it)")
+    p.add_argument("--file", metavar="Q.sql", help="read the query from this file ('-': stdin)")
+    p.add_argument("--names", metavar="A,B", help="schema names for the recordings, comma-separated")
+    p.add_argument("--max-rows", type=int, default=MAX_ROWS,
+                   help=f"rows a table shows (default {MAX_ROWS}; json and csv print all)")
+    p.add_argument("--no-salvage", action="store_true", help="do not salvage dead writers")
+    _format_arg(p)
+    p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("doctor", help="check a recording's files and repair what can be",
+                       description="Verify segments, streams and weight blobs; salvage dead "
+                                   "writers. Exit 1 when problems are left.")
+    p.add_argument("path", help="recording folder")
+    p.add_argument("--no-repair", action="store_true", help="only check, change nothing")
+    _format_arg(p)
+    p.set_defaults(func=cmd_doctor)
+
+
+# ---------------------------------------------------------------- other commands
+
+def _unavailable(name: str, module: str, why: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        raise ReplayError(f"command {name!r} needs {module}, which cannot be loaded ({why})",
+                          "command unavailable")
+    run.takes_any_args = True  # its real arguments are unknown: do not judge them
+    return run
+
+
+def _add_external(sub: argparse._SubParsersAction, chosen: str | None) -> None:
+    for name, (module, help_) in COMMANDS.items():
+        if name != chosen:
+            sub.add_parser(name, help=help_, add_help=False)
+            continue
+        try:
+            mod = importlib.import_module(module)
+            add = getattr(mod, "add_parser")
+        except Exception as e:  # noqa: BLE001 - a broken optional module must not break the rest
+            p = sub.add_parser(name, help=help_, add_help=False)
+            p.set_defaults(func=_unavailable(name, module, " ".join(str(e).split())))
+            continue
+        add(sub)
+
+
+def _chosen(argv: Sequence[str]) -> str | None:
+    for a in argv:
+        if not a.startswith("-"):
+            return a
+    return None
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The argument parser; ``argv`` says which optional command module to load."""
+    parser = argparse.ArgumentParser(
+        prog="replay", description="Record, query, replay and bisect RL training runs on vLLM.")
+    parser.add_argument("--version", action="version",
+                        version=f"replay {__version__} (recording schema v{SCHEMA_VERSION})")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_builtin(sub)
+    _add_external(sub, _chosen(argv))
+    return parser
+
+
+def _fail(title: str, msg: str) -> int:
+    print(f"replay: {title}: {' '.join(str(msg).split())}", file=sys.stderr)
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    import duckdb
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args, extra = parser.parse_known_args(argv)
+    func = getattr(args, "func", None)
+    if extra and getattr(func, "more_positionals", None) and not any(a.startswith("-") for a in extra):
+        getattr(args, func.more_positionals).extend(extra)  # `sql PATH --flag QUERY`
+    elif extra and not getattr(func, "takes_any_args", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")  # exits 2
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(func(args) or 0)
+    except _Usage as e:
+        parser.error(str(e))  # exits 2
+    except ReplayError as e:
+        return _fail(e.title, str(e))
+    except duckdb.Error as e:
+        return _fail("sql error", str(e))
+    except BrokenPipeError:
+        return 1
+    except OSError as e:
+        return _fail("file error", f"{e.filename}: {e.strerror or e}" if e.filename else str(e))
+    except KeyboardInterrupt:
+        return 130
+    return 0

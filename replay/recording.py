@@ -1,0 +1,344 @@
+"""The read path: open one or several recordings as DuckDB views, salvaging dead writers.
+
+>>> rec = open_recording("recordings/run-1")
+>>> rec.sql("SELECT step, clip_rate FROM step_metrics").fetchall()
+
+Every table is a view over a ``pyarrow.dataset`` (nothing is copied into DuckDB):
+closed segments are scanned with projection and filter pushdown, open segments
+contribute their complete batches from memory (see :mod:`replay._views`). With one
+recording the views sit in a schema named after its folder *and* in the default
+schema; with several, each recording has its own schema (``a.tokens``, ``b.tokens``).
+
+One DuckDB connection is not thread-safe: another thread takes :meth:`Recording.cursor`.
+A cursor sees the segments as they were when it was made; after :meth:`Recording.refresh`
+take a new one.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import duckdb
+import pyarrow.compute as pc
+
+from ._views import DERIVED, TableScan, scan_table, sequences_sql, step_metrics_view_sql, tokens_sql
+from .errors import BadInput, RecordingError, ReplayError
+from .manifest import overall_status, writer_alive
+from .salvage import (SalvageReport, dead_ranks, manifest_or_error, rank_entries,
+                      ranks_on_disk, salvage as salvage_ranks, scan_parts)
+from .schema import TABLES
+
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# schema names that would shadow DuckDB's own catalogs
+_RESERVED = {"main", "temp", "system", "information_schema", "pg_catalog", "memory"}
+
+
+@dataclass
+class _Member:
+    """One recording inside a :class:`Recording`."""
+
+    name: str                                   # its schema in the connection
+    root: Path                                  # its folder
+    manifest: dict = field(default_factory=dict)
+    scans: dict[str, TableScan] = field(default_factory=dict)
+    salvage: SalvageReport | None = None        # the last salvage done on opening / refresh
+    dead: list[int] = field(default_factory=list)  # dead ranks left alone (salvage=False)
+    streams: dict = field(default_factory=dict)  # open segments read so far (see StreamCache)
+
+    def status(self) -> str:
+        if self.salvage is not None and self.salvage.in_memory and self.salvage.ranks:
+            return "salvaged"
+        return overall_status(self.manifest)
+
+
+def _safe_names(roots: list[Path], names: Iterable[str] | None) -> list[str]:
+    if names is not None:
+        names = list(names)
+        if len(names) != len(roots):
+            raise BadInput(f"{len(names)} names for {len(roots)} recordings", field="names")
+        for n in names:
+            if not isinstance(n, str) or not _NAME_RE.match(n) or n.lower() in _RESERVED:
+                raise BadInput(f"recording name {n!r} is not a plain SQL identifier (letters, "
+                               f"digits, _) or is reserved ({', '.join(sorted(_RESERVED))})",
+                               field="names")
+        if len({n.lower() for n in names}) != len(names):
+            raise BadInput(f"recording names must be unique, got {names}", field="names")
+        return names
+    out: list[str] = []
+    taken: set[str] = set()
+    for root in roots:
+        base = re.sub(r"[^A-Za-z0-9_]", "_", root.resolve().name) or "rec"
+        if not re.match(r"[A-Za-z_]", base):
+            base = "r_" + base
+        if base.lower() in _RESERVED:
+            base += "_rec"
+        name, i = base, 2
+        while name.lower() in taken:
+            name, i = f"{base}_{i}", i + 1
+        taken.add(name.lower())
+        out.append(name)
+    return out
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class Recording:
+    """One DuckDB connection over one or several recordings. Use :func:`open_recording`."""
+
+    def __init__(self, roots: list[Path], names: list[str], *, salvage: bool = True):
+        self._salvage = salvage
+        self._members = [_Member(n, r) for n, r in zip(names, roots)]
+        self._con: duckdb.DuckDBPyConnection | None = duckdb.connect()
+        try:
+            for m in self._members:
+                self._con.execute(f"CREATE SCHEMA {_q(m.name)}")
+                self._load(m)
+                self._create_views(m.name, m.name)
+            if len(self._members) == 1:
+                self._create_views("main", self._members[0].name, alias=True)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---------------------------------------------------------------- loading
+    def _load(self, m: _Member) -> None:
+        m.manifest = manifest_or_error(m.root)
+        parts = scan_parts(m.root)
+        dead = dead_ranks(m.root, m.manifest, parts)
+        m.dead = []
+        if dead and self._salvage:
+            m.salvage = salvage_ranks(m.root, dead)
+            if not m.salvage.in_memory:
+                m.manifest = manifest_or_error(m.root)
+                parts = scan_parts(m.root)
+        elif dead:
+            m.dead = dead
+        live = {p.stream for ps in parts.values() for p in ps if p.stream is not None}
+        m.streams = {k: v for k, v in m.streams.items() if k in live}
+        m.scans = {t: scan_table(t, parts[t], m.streams) for t in TABLES}
+        for t, scan in m.scans.items():
+            self._con.register(self._internal(m.name, t), scan.dataset)
+
+    @staticmethod
+    def _internal(schema: str, table: str) -> str:
+        return f"__replay_{schema}_{table}"
+
+    def _create_views(self, schema: str, member: str, *, alias: bool = False) -> None:
+        con, s = self._con, _q(schema)
+        for t in TABLES:
+            src = f"{_q(member)}.{t}" if alias else _q(self._internal(member, t))
+            con.execute(f"CREATE OR REPLACE VIEW {s}.{t} AS SELECT * FROM {src}")
+        if alias:
+            for v in DERIVED:
+                if self._has_view(member, v):
+                    con.execute(f"CREATE OR REPLACE VIEW {s}.{v} AS SELECT * FROM {_q(member)}.{v}")
+            return
+        con.execute(f"CREATE OR REPLACE VIEW {s}.tokens AS {tokens_sql(s)}")
+        con.execute(f"CREATE OR REPLACE VIEW {s}.sequences AS {sequences_sql(s)}")
+        metrics = step_metrics_view_sql(schema)
+        if metrics is not None:
+            con.execute(f"CREATE OR REPLACE VIEW {s}.step_metrics AS {metrics}")
+
+    def _has_view(self, schema: str, view: str) -> bool:
+        rows = self._con.execute(
+            "SELECT count(*) FROM duckdb_views() WHERE schema_name = ? AND view_name = ?",
+            [schema, view]).fetchall()
+        return rows[0][0] > 0
+
+    def _live(self) -> duckdb.DuckDBPyConnection:
+        if self._con is None:
+            raise RecordingError("this recording is closed", "recording closed")
+        return self._con
+
+    def _member(self, name: str | None) -> _Member:
+        if name is None:
+            return self._members[0]
+        for m in self._members:
+            if m.name == name:
+                return m
+        raise BadInput(f"no recording named {name!r}; names: {', '.join(self.names)}", field="name")
+
+    # ---------------------------------------------------------------- public API
+    @property
+    def names(self) -> list[str]:
+        """Schema names of the recordings, in the order they were given."""
+        return [m.name for m in self._members]
+
+    @property
+    def path(self) -> Path:
+        """Folder of the first recording."""
+        return self._members[0].root
+
+    @property
+    def salvaged(self) -> bool:
+        """True when any recording opened here is (or was just) salvaged."""
+        return any(m.status() == "salvaged" for m in self._members)
+
+    @property
+    def connection(self) -> duckdb.DuckDBPyConnection:
+        """The DuckDB connection (one thread only; other threads use :meth:`cursor`)."""
+        return self._live()
+
+    def sql(self, query: str, params: Any = None) -> duckdb.DuckDBPyRelation | None:
+        """A DuckDB relation for ``query`` (None for statements that return nothing).
+
+        A relation keeps no result: call ``.fetchall()``, ``.to_arrow_table()`` or
+        ``.df()``. Parse and bind errors raise :class:`ReplayError` titled ``sql error``.
+        """
+        con = self._live()
+        try:
+            return con.sql(query, params=params) if params is not None else con.sql(query)
+        except duckdb.Error as e:
+            raise ReplayError(" ".join(str(e).split()), "sql error") from e
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A cursor for another thread, with every view of this recording registered."""
+        cur = self._live().cursor()
+        for m in self._members:
+            for t, scan in m.scans.items():
+                cur.register(self._internal(m.name, t), scan.dataset)
+        return cur
+
+    def refresh(self) -> None:
+        """Re-scan segments (new batches of a recording still being written, new parts)."""
+        self._live()
+        for m in self._members:
+            self._load(m)
+            self._create_views(m.name, m.name)  # a view is bound to its columns: rebind
+        if len(self._members) == 1:
+            self._create_views("main", self._members[0].name, alias=True)
+
+    def info(self, name: str | None = None) -> dict:
+        """Summary of one recording (the first unless ``name`` is given), JSON-ready."""
+        m = self._member(name)
+        s = _q(m.name)
+        con = self._live().cursor()
+        try:
+            for t, scan in m.scans.items():
+                con.register(self._internal(m.name, t), scan.dataset)
+
+            def one(q: str) -> tuple:
+                return con.execute(q).fetchall()[0]
+
+            n_steps, lo, hi = one(f"""SELECT count(DISTINCT step), min(step), max(step) FROM (
+                SELECT step FROM {s}.rollouts UNION ALL SELECT step FROM {s}.trainer
+                UNION ALL SELECT step FROM {s}.metrics UNION ALL SELECT step FROM {s}.events)""")
+            n_roll, n_tok = one(f"SELECT count(*), coalesce(sum(len(output_ids)), 0) FROM {s}.rollouts")
+            counts = {t: one(f"SELECT count(*) FROM {s}.{t}")[0]
+                      for t in ("trainer", "rejects", "events", "topk", "metrics", "weights")}
+        finally:
+            con.close()
+        man = m.manifest
+        return {
+            "name": m.name,
+            "path": str(m.root),
+            "run_id": man.get("run_id"),
+            "status": m.status(),
+            "schema_version": man.get("schema_version"),
+            "created_at": man.get("created_at"),
+            "ranks": self._ranks(m),
+            "steps": {"count": n_steps, "min": lo, "max": hi},
+            "rollouts": n_roll,
+            "tokens": int(n_tok),
+            "trainer_rows": counts["trainer"],
+            "rejects": counts["rejects"],
+            "events": counts["events"],
+            "topk_rows": counts["topk"],
+            "metric_rows": counts["metrics"],
+            "weight_versions": counts["weights"],
+            "bytes_on_disk": _du(m.root),
+            "open_segments": sum(len(sc.streams) for sc in m.scans.values()),
+            "rows_in_open_segments": sum(sc.stream_rows for sc in m.scans.values()),
+            "salvage": m.salvage.as_dict() if m.salvage is not None and m.salvage.ranks else None,
+            "warnings": [w for sc in m.scans.values() for w in sc.warnings]
+                        + [f"rank {r}'s writer is gone; open with salvage=True to salvage it"
+                           for r in m.dead],
+            "run_config": man.get("run_config"),
+        }
+
+    def _ranks(self, m: _Member) -> list[dict]:
+        entries = rank_entries(m.manifest)
+        on_disk = ranks_on_disk(scan_parts(m.root))
+        out = []
+        for r in sorted(set(entries) | on_disk):
+            e = entries.get(r, (None, {}))[1]
+            status = e.get("status", "recording")
+            if m.salvage is not None and m.salvage.in_memory and r in m.salvage.ranks:
+                status = "salvaged"
+            closed = sum(1 for sc in m.scans.values() for p in sc.files if _rank_of(p) == r)
+            opened = sum(1 for sc in m.scans.values() for p in sc.streams if _rank_of(p) == r)
+            out.append({"rank": r, "status": status, "writer_alive": writer_alive(m.root, r),
+                        "closed_segments": closed, "open_segments": opened})
+        return out
+
+    def load_weights(self, version: int, framework: str = "torch", *, name: str | None = None) -> dict:
+        """The state dict of weight ``version`` (torch tensors, or numpy arrays)."""
+        m = self._member(name)
+        self._live()
+        table = m.scans["weights"].dataset.to_table(filter=pc.field("version") == int(version))
+        if table.num_rows == 0:
+            have = sorted(set(m.scans["weights"].dataset.to_table(columns=["version"])
+                              .column("version").to_pylist()))
+            shown = ", ".join(map(str, have[:20])) + (" ..." if len(have) > 20 else "")
+            raise RecordingError(f"weight version {version} is not in {m.root} "
+                                 f"(versions recorded: {shown or 'none'})", "no such weights")
+        row = table.sort_by([("time_ns", "descending")]).slice(0, 1).to_pylist()[0]
+        if not row.get("blob"):
+            where = f" at {row['path']}" if row.get("path") else ""
+            raise RecordingError(f"weight version {version} of {m.root} was recorded by hash "
+                                 f"only (sha256 {row['sha256']}); load its checkpoint{where}",
+                                 "weights not stored")
+        from .weights import WeightStore
+        return WeightStore(m.root).load(row["blob"], row["sha256"], framework=framework)
+
+    def close(self) -> None:
+        """Close the connection (safe to call twice)."""
+        con, self._con = self._con, None
+        if con is not None:
+            con.close()
+
+    def __enter__(self) -> "Recording":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Recording({', '.join(f'{m.name}={m.root}' for m in self._members)})"
+
+
+def _rank_of(path: Path) -> int:
+    return int(path.parent.name.split("-")[1])
+
+
+def _du(root: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def open_recording(path_or_paths: str | os.PathLike | Iterable[str | os.PathLike], *,
+                   salvage: bool = True, names: Iterable[str] | None = None) -> Recording:
+    """Open one recording, or several in one connection (one schema each).
+
+    ``salvage``: close the leftover open segments of ranks whose writer died and mark
+    the recording ``salvaged`` (in memory only if the folder is read-only).
+    ``names``: schema names (default: the folder names, made SQL-safe and unique).
+    """
+    if isinstance(path_or_paths, (str, os.PathLike)):
+        roots = [Path(path_or_paths)]
+    else:
+        roots = [Path(p) for p in path_or_paths]
+    if not roots:
+        raise BadInput("no recording given", field="path")
+    return Recording(roots, _safe_names(roots, names), salvage=salvage)

@@ -1,0 +1,345 @@
+"""Segments on disk, open streams, and the salvage of ranks whose writer died.
+
+A table's data lies in ``<table>/rank-NNNN/part-NNNNN.arrow`` (closed Arrow IPC
+files) and ``part-NNNNN.arrows`` (open Arrow IPC streams). :func:`scan_parts` lists
+them; when a part has both, the closed file wins (the writer died between writing
+the file and removing the stream). :func:`read_stream` reads every complete batch of
+a stream and stops cleanly at a truncated tail, counting the bytes it skipped.
+
+:func:`salvage` turns the leftover streams of dead ranks (the manifest says
+``recording`` but nobody holds the rank's life lock) into closed files and marks
+those ranks ``salvaged`` in the manifest, all under the manifest lock. A folder that
+cannot be written is salvaged in memory only: the caller reads the streams instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from .errors import RecordingError
+from .manifest import now_iso, read_manifest, update_manifest, writer_alive
+from .schema import FILE_SUFFIX, RANK_DIR_RE, SEGMENT_RE, STREAM_SUFFIX, TABLES
+
+_IPC_OPTIONS = ipc.IpcWriteOptions(compression="zstd")
+
+
+@dataclass
+class Part:
+    """One segment slot of one table and rank: its closed file, its open stream, or both."""
+
+    table: str                 # table name, e.g. "rollouts"
+    rank: int                  # writer rank
+    part: int                  # segment number within the rank
+    file: Path | None = None   # part-NNNNN.arrow, when present
+    stream: Path | None = None  # part-NNNNN.arrows, when present
+
+
+@dataclass
+class StreamContents:
+    """What :func:`read_stream` could read from one ``.arrows`` stream."""
+
+    path: Path                                  # the stream read
+    schema: pa.Schema | None                    # None when even the header is unreadable
+    batches: list[pa.RecordBatch] = field(default_factory=list)  # every complete batch
+    good_bytes: int = 0                         # bytes up to the end of the last complete batch
+    size: int = 0                               # file size when read
+    error: str | None = None                    # why reading stopped before the end, if it did
+
+    @property
+    def rows(self) -> int:
+        return sum(b.num_rows for b in self.batches)
+
+    @property
+    def skipped_bytes(self) -> int:
+        return max(0, self.size - self.good_bytes)
+
+
+@dataclass
+class SalvageReport:
+    """What :func:`salvage` did (or, for a read-only folder, would have done)."""
+
+    ranks: list[int] = field(default_factory=list)  # ranks salvaged
+    streams: int = 0           # leftover streams found on those ranks
+    batches: int = 0           # complete batches recovered
+    rows: int = 0              # rows recovered
+    skipped_bytes: int = 0     # bytes of truncated tails that could not be read
+    in_memory: bool = False    # True: the folder is read-only, nothing was written
+    reason: str | None = None  # why the salvage stayed in memory
+
+    def as_dict(self) -> dict:
+        return {"ranks": self.ranks, "streams": self.streams, "batches": self.batches,
+                "rows": self.rows, "skipped_bytes": self.skipped_bytes,
+                "in_memory": self.in_memory, "reason": self.reason}
+
+
+# ---------------------------------------------------------------- listing
+
+def scan_parts(root: Path, tables: tuple[str, ...] = TABLES) -> dict[str, list[Part]]:
+    """Every segment slot of every table, ordered by (rank, part)."""
+    out: dict[str, list[Part]] = {}
+    for table in tables:
+        parts: dict[tuple[int, int], Part] = {}
+        tdir = Path(root) / table
+        try:
+            rank_dirs = [d for d in tdir.iterdir() if RANK_DIR_RE.match(d.name) and d.is_dir()]
+        except (FileNotFoundError, NotADirectoryError):
+            rank_dirs = []
+        for rdir in rank_dirs:
+            rank = int(RANK_DIR_RE.match(rdir.name).group(1))
+            try:
+                names = os.listdir(rdir)
+            except OSError:
+                continue
+            for name in names:
+                m = SEGMENT_RE.match(name)
+                if m is None:
+                    continue
+                num = int(m.group(1))
+                p = parts.setdefault((rank, num), Part(table, rank, num))
+                if name.endswith(STREAM_SUFFIX):
+                    p.stream = rdir / name
+                else:
+                    p.file = rdir / name
+        out[table] = [parts[k] for k in sorted(parts)]
+    return out
+
+
+def ranks_on_disk(parts: dict[str, list[Part]]) -> set[int]:
+    return {p.rank for ps in parts.values() for p in ps}
+
+
+def rank_entries(man: dict) -> dict[int, tuple[str, dict]]:
+    """The manifest's rank entries by rank number: ``{rank: (key, entry)}``.
+
+    Keys may be written ``"0"`` or ``"rank-0000"``; anything else is ignored.
+    """
+    out = {}
+    for key, entry in (man.get("ranks") or {}).items():
+        text = str(key)
+        m = RANK_DIR_RE.match(text)
+        if m:
+            out[int(m.group(1))] = (key, entry if isinstance(entry, dict) else {})
+        elif text.isdigit():
+            out[int(text)] = (key, entry if isinstance(entry, dict) else {})
+    return out
+
+
+# ---------------------------------------------------------------- reading
+
+def read_stream(path: Path) -> StreamContents:
+    """Every complete batch of the Arrow IPC stream at ``path``; never raises on bad bytes.
+
+    A missing file raises FileNotFoundError (the writer may just have closed it).
+    """
+    size = os.path.getsize(path)
+    out = StreamContents(path=Path(path), schema=None, size=size)
+    with pa.OSFile(str(path), "rb") as src:
+        try:
+            reader = ipc.open_stream(src)
+            out.schema = reader.schema
+            out.good_bytes = src.tell()
+        except Exception as e:  # any malformed header: nothing readable
+            out.error = f"unreadable stream header: {one_line(e)}" if size else None
+            return out
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                out.good_bytes = src.tell()  # a clean end (with or without the end marker)
+                break
+            except Exception as e:  # a torn or corrupt tail
+                out.error = f"stopped at byte {out.good_bytes}: {one_line(e)}"
+                break
+            out.batches.append(batch)
+            out.good_bytes = src.tell()
+    return out
+
+
+def check_file(path: Path) -> tuple[pa.Schema, int, int]:
+    """(schema, batches, rows) of a closed segment; RecordingError if it is not readable."""
+    try:
+        with pa.OSFile(str(path), "rb") as src:
+            reader = ipc.open_file(src)
+            n = reader.num_record_batches
+            rows = sum(reader.get_batch(i).num_rows for i in range(n))
+            return reader.schema, n, rows
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise RecordingError(f"segment {path} is not a readable Arrow file ({one_line(e)}); "
+                             f"run `replay doctor {path.parents[2]}` to set it aside",
+                             "corrupt segment") from None
+
+
+def file_schema(path: Path) -> pa.Schema:
+    """The schema of a closed segment, read from its footer only."""
+    try:
+        with pa.OSFile(str(path), "rb") as src:
+            return ipc.open_file(src).schema
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise RecordingError(f"segment {path} is not a readable Arrow file ({one_line(e)}); "
+                             f"run `replay doctor {path.parents[2]}` to set it aside",
+                             "corrupt segment") from None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+# ---------------------------------------------------------------- salvage
+
+def dead_ranks(root: Path, man: dict, parts: dict[str, list[Part]]) -> list[int]:
+    """Ranks whose writer is gone without closing: status ``recording`` (or unlisted with
+    leftover streams) and no live holder of the rank's life lock."""
+    entries = rank_entries(man)
+    with_streams = {p.rank for ps in parts.values() for p in ps if p.stream is not None}
+    candidates = {r for r, (_, e) in entries.items() if e.get("status", "recording") == "recording"}
+    candidates |= {r for r in with_streams if r not in entries}
+    return sorted(r for r in candidates if not writer_alive(root, r))
+
+
+def _close_stream(part: Part, report: SalvageReport) -> dict | None:
+    """Turn ``part``'s stream into a closed file; returns its manifest segment entry."""
+    stream = part.stream
+    if part.file is not None:
+        try:
+            _, _, rows = check_file(part.file)
+        except RecordingError:
+            part.file = None  # a torn closed file: the stream is the better copy
+        else:
+            stream.unlink(missing_ok=True)  # the close finished but left its stream behind
+            part.stream = None
+            return segment_entry(part.table, part.file, rows)
+    contents = read_stream(stream)
+    report.streams += 1
+    report.batches += len(contents.batches)
+    report.rows += contents.rows
+    report.skipped_bytes += contents.skipped_bytes
+    if contents.schema is None:
+        stream.unlink(missing_ok=True)  # not even a header: nothing to keep
+        part.stream = None
+        return None
+    dest = stream.with_suffix(FILE_SUFFIX)
+    tmp = dest.with_name(f".{dest.name}.salvage.tmp")
+    with pa.OSFile(str(tmp), "wb") as sink:
+        with ipc.new_file(sink, contents.schema, options=_IPC_OPTIONS) as writer:
+            for b in contents.batches:
+                writer.write_batch(b)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dest)
+    stream.unlink(missing_ok=True)
+    part.file, part.stream = dest, None
+    return segment_entry(part.table, dest, contents.rows)
+
+
+def segment_entry(table: str, path: Path, rows: int) -> dict:
+    """The manifest record of one closed segment (``table`` says where it is listed)."""
+    return {"table": table, "path": f"{table}/{path.parent.name}/{path.name}", "rows": rows,
+            "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _merge_segments(listed: object, segs: list[dict]) -> dict:
+    """A rank's ``segments`` (``{table: [{path, rows, bytes, sha256}]}``) with ``segs`` added."""
+    out: dict[str, list] = {}
+    if isinstance(listed, dict):
+        out = {t: list(v) for t, v in listed.items() if isinstance(v, list)}
+    for seg in segs:
+        seg = dict(seg)
+        table = seg.pop("table")
+        kept = [s for s in out.get(table, []) if not (isinstance(s, dict) and s.get("path") == seg["path"])]
+        out[table] = kept + [seg]
+    return out
+
+
+def salvage(root: Path, ranks: list[int], *, leftovers: bool = False) -> SalvageReport:
+    """Close the leftover streams of ``ranks`` (dead writers) and mark them ``salvaged``.
+
+    Runs under the manifest lock and checks again that each writer is gone. When the
+    folder cannot be written, returns a report with ``in_memory=True`` and changes nothing.
+    ``leftovers=True`` closes the streams of ranks in any status and leaves the status
+    as it is (``replay doctor`` uses it for streams a finished writer left behind).
+    """
+    root = Path(root)
+    report = SalvageReport()
+    if not ranks:
+        return report
+
+    def change(man: dict) -> None:
+        entries = rank_entries(man)
+        parts = scan_parts(root)
+        for rank in ranks:
+            if writer_alive(root, rank):
+                continue  # a writer came back for this rank: leave it alone
+            key, entry = entries.get(rank, (str(rank), {}))
+            if not leftovers and entry.get("status", "recording") != "recording" and rank in entries:
+                continue  # another reader salvaged it first
+            segs = [s for t in parts for p in parts[t] if p.rank == rank and p.stream is not None
+                    and (s := _close_stream(p, report)) is not None]
+            entry = dict(entry)
+            entry["segments"] = _merge_segments(entry.get("segments"), segs)
+            if not leftovers or rank not in entries:
+                entry["status"] = "salvaged"
+                entry["salvaged_at"] = now_iso()
+            man.setdefault("ranks", {})[key] = entry
+            report.ranks.append(rank)
+
+    try:
+        probe = root / f".salvage-probe.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        update_manifest(root, change)
+    except OSError as e:
+        if report.streams:  # failed half-way: report what is known, then re-raise
+            raise RecordingError(f"salvage of {root} failed after {report.streams} segment(s): "
+                                 f"{one_line(e)}", "salvage failed") from None
+        return memory_salvage(root, ranks, reason=f"{root} is read-only ({one_line(e)})")
+    return report
+
+
+def memory_salvage(root: Path, ranks: list[int], *, reason: str) -> SalvageReport:
+    """The report of a salvage that only reads: counts what the leftover streams hold."""
+    report = SalvageReport(ranks=list(ranks), in_memory=True, reason=reason)
+    for parts in scan_parts(root).values():
+        for p in parts:
+            if p.rank in ranks and p.stream is not None and p.file is None:
+                try:
+                    c = read_stream(p.stream)
+                except FileNotFoundError:
+                    continue
+                report.streams += 1
+                report.batches += len(c.batches)
+                report.rows += c.rows
+                report.skipped_bytes += c.skipped_bytes
+    return report
+
+
+def manifest_or_error(root: Path) -> dict:
+    """read_manifest, with a plain message when the path is not even a folder."""
+    root = Path(root)
+    if not root.exists():
+        raise RecordingError(f"{root} does not exist", "not a recording")
+    if not root.is_dir():
+        raise RecordingError(f"{root} is not a folder (a recording is a folder with a manifest.json)",
+                             "not a recording")
+    man = read_manifest(root)
+    ranks = man.get("ranks")
+    if not isinstance(ranks, dict) or not all(isinstance(e, dict) for e in ranks.values()):
+        raise RecordingError(f"{root / 'manifest.json'} is corrupt: 'ranks' must map each rank "
+                             "to an object", "corrupt manifest")
+    return man
