@@ -1,0 +1,123 @@
+"""``replay bisect``: where divergence begins, by steps, fixes, tokens or layers.
+
+``--format json`` prints a stable schema; every kind names its finding at the top level:
+``steps`` → ``"step"`` (onset or null) and ``"evidence"``; ``fixes`` → ``"step"``,
+``"fixes"`` (minimal set) and ``"ablation"``; ``tokens`` → ``"step"`` and ``"token"``
+(``{"request_id", "pos"}`` of the worst sequence's first flagged token, or null);
+``layers`` → ``"layer"`` (first differing layer, or null).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .fixes import FIX_IDS
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bisect", help="find where a run departs: steps, fixes, tokens, layers",
+        description="steps: the first step where PATH departs from --against REF (a CUSUM test on "
+                    "per-token log ratios), or exceeds --threshold, or (--replay) departs from a "
+                    "preset's replay by binary search. fixes: at --step, the minimal fix set that "
+                    "restores parity, and the ablation table. tokens: per sequence of --step, the first "
+                    "position over --tol. layers: for one token, the first layer that differs between "
+                    "the recorded config and it with --fix (default fp32_lm_head).")
+    p.add_argument("path", help="recording folder")
+    p.add_argument("--by", choices=("steps", "fixes", "tokens", "layers"), default="steps")
+    p.add_argument("--against", default=None, metavar="REF", help="reference recording (--by steps)")
+    p.add_argument("--threshold", type=float, default=None, help="mean |r| threshold (--by steps, no REF)")
+    p.add_argument("--replay", action="store_true",
+                   help="--by steps: binary search with replays under --preset (default v0)")
+    p.add_argument("--step", type=int, default=None, help="the step (fixes, tokens, layers; default: the onset)")
+    p.add_argument("--request", default=None, help="request id (layers; tokens: one sequence)")
+    p.add_argument("--pos", type=int, default=None, help="output position (layers)")
+    p.add_argument("--tol", type=float, default=None, help="tolerance (tokens: |r|, layers: max |Δh|)")
+    p.add_argument("--preset", choices=("v0", "v1"), default=None)
+    p.add_argument("--fix", action="append", default=[], choices=FIX_IDS, metavar="ID")
+    p.add_argument("--trainer", action="store_true", help="layers: compare with the trainer's model")
+    p.add_argument("--engine", choices=("reference", "vllm"), default="reference")
+    p.add_argument("--python", default=None, metavar="PATH")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=run)
+
+
+def _progress(args):
+    if args.format == "json":
+        return None
+    return lambda msg: print(f"  … {msg}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import bisect as b
+    from ._format import to_json
+    from .errors import BadInput
+
+    try:
+        if args.by == "steps":
+            if args.replay:
+                res = b.bisect_steps_replay(args.path, preset=args.preset or "v0", fixes=tuple(args.fix),
+                                            tol=args.tol or 0.02, engine=args.engine, device=args.device,
+                                            python=args.python, progress=_progress(args))
+            else:
+                res = b.bisect_steps(args.path, args.against, threshold=args.threshold)
+        else:
+            step = args.step
+            if step is None and args.against:
+                step = b.bisect_steps(args.path, args.against)["step"]
+            if step is None:
+                raise BadInput("give --step N (or --against REF to use the onset)", field="step")
+            if args.by == "fixes":
+                res = b.bisect_fixes(args.path, step, engine=args.engine, preset=args.preset or "v1",
+                                     device=args.device, python=args.python, progress=_progress(args))
+            elif args.by == "tokens":
+                res = b.bisect_tokens(args.path, step, tol=args.tol if args.tol is not None else 0.5,
+                                      request_id=args.request)
+            else:
+                if args.request is None or args.pos is None:
+                    raise BadInput("--by layers needs --request ID and --pos N", field="request")
+                res = b.bisect_layers(args.path, step, args.request, args.pos, preset=args.preset,
+                                      fixes=tuple(args.fix) or ("fp32_lm_head",),
+                                      against="trainer" if args.trainer else "config",
+                                      tol=args.tol if args.tol is not None else (1e-4 if args.trainer else 1e-6),
+                                      device=args.device)
+    except KeyboardInterrupt:
+        print("replay: bisect interrupted", file=sys.stderr)
+        return 130
+    if args.format == "json":
+        print(to_json(res))
+    else:
+        print(render(args.by, res))
+    return 0
+
+
+def render(by: str, res: dict) -> str:
+    from ._format import table
+
+    if by == "steps":
+        head = (f"onset: step {res['step']}" if res["step"] is not None else "onset: none (no departure found)")
+        head += f"   method: {res['method']}"
+        ev = res.get("evidence", [])
+        if not ev:
+            return head + ("\n" + res["reason"] if res.get("reason") else "")
+        cols = list(ev[0].keys())
+        return head + "\n" + table(cols, [[e[c] for c in cols] for e in ev])
+    if by == "fixes":
+        head = (f"step {res['step']}: minimal fix set restoring parity: {' + '.join(res['fixes']) or '(none needed)'}"
+                f"\nparity: mean |lp_trainer - lp_replayed| <= {res['parity_threshold']:.5f}   "
+                f"({res['replays']} replays)")
+        cols = ["label", "mean_abs_log_ratio", "clip_rate", "kl_new_old", "gap_closed", "parity"]
+        return head + "\n" + table(cols, [[a[c] for c in cols] for a in res["ablation"]])
+    if by == "tokens":
+        tok = res["token"]
+        head = (f"step {res['step']}: {res['flagged']}/{res['sequences']} sequences exceed |r| > {res['tol']}; "
+                f"{res['at_or_after_boundary']}/{res['with_boundary']} of those with a version boundary "
+                f"first exceed it at or after the boundary")
+        if tok:
+            head += f"\nworst: request {tok['request_id']} position {tok['pos']}"
+        cols = ["request_id", "first_pos", "abs_r", "max_abs_r", "version_boundary", "versions", "num_cached_tokens"]
+        return head + "\n" + table(cols, [[s[c] for c in cols] for s in res["per_sequence"]])
+    head = (f"token {res['request_id']}[{res['pos']}] at step {res['step']} (version {res['version']}): "
+            f"first differing layer: {res['layer'] or 'none'} (tol {res['tol']})")
+    return head + "\n" + table(["layer", "max_abs_diff"], [[r["layer"], r["max_abs_diff"]] for r in res["layers"]])

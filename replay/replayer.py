@@ -1,0 +1,386 @@
+"""Event-driven re-execution of recorded steps (DESIGN §4, §6).
+
+For a recorded step the replayer rebuilds, from the recording alone, what the engine
+went through: the weights of every version the step used (from the weight store),
+the requests in submission order with their sampling parameters and seeds, the
+weight updates with their mode and decode-step position (``weights_update_start``
+events), and the prefix cache the step met. Then it drives an engine through them
+under a chosen :class:`~replay.fixes.EngineConfig`:
+
+``score``
+    teacher-forced on the recorded tokens *through the generation path*: the engine
+    emits the recorded tokens instead of sampling, so updates, torn models, async lag
+    and the prefix cache act as they would have. Each token's replayed logprob sits
+    beside the recorded rollout logprob and the trainer's logprob. Engines that cannot
+    force tokens (vLLM) score each token with the weights of the version that produced
+    it (``score()`` per version): no in-flight effects, documented in the result.
+``regenerate``
+    the same seeds, sampling freely: the first position where the replayed token
+    differs from the recorded one.
+
+The prefix cache at a step's start is rebuilt by replaying, under the same config,
+every earlier step's generation (forced to its recorded tokens) in order, as the
+run did. An engine is kept per config and moves forward through the steps, so a
+range of steps in order pays for that history once.
+
+Results go back into the recording as rows of the ``replays`` table, keyed by the
+engine config id, so SQL sees replayed logprobs beside recorded ones.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .errors import BadInput, RecordingError, ReplayError
+from .fixes import EngineConfig
+from .metrics import token_metrics
+
+REPLAY_RANK = 10_000  # replays are written by their own writer rank, apart from the run's ranks
+
+
+@dataclass
+class RecordedRequest:
+    """One recorded rollout, as the replayer needs it."""
+
+    request_id: str
+    group_id: str | None
+    prompt_ids: list[int]
+    output_ids: list[int]
+    logprobs: np.ndarray                  # recorded rollout logprobs
+    token_versions: list[int]             # recorded weight version per token
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    num_cached_tokens: int | None
+    trainer_logprobs: np.ndarray | None   # the trainer's logprobs of the same tokens, if recorded
+
+
+@dataclass
+class StepPlan:
+    """What the engine went through at one step, read from the recording."""
+
+    step: int
+    serving: int                          # version serving when the step started
+    requests: list[RecordedRequest]       # in submission order
+    updates: list[Any]                    # WeightUpdate, in order
+    modes: list[str]                      # recorded mode of each update
+    versions: list[int]                   # every version the step used
+    complete: bool                        # the step ended in the recording (step_end seen)
+    missing: list[str] = field(default_factory=list)  # submitted but never recorded
+
+
+def _steps_with_rollouts(rec) -> list[int]:
+    return [s for (s,) in rec.sql("SELECT DISTINCT step FROM rollouts ORDER BY step").fetchall()]
+
+
+def plan_step(rec, step: int) -> StepPlan:
+    """Read step ``step``'s events and rollouts from an open recording."""
+    from .engines.base import WeightUpdate
+
+    events = rec.sql(
+        "SELECT kind, weight_version, request_id, detail FROM events WHERE step = ? ORDER BY rank, seq",
+        [step]).fetchall()
+    rows = rec.sql("""
+        SELECT r.request_id, r.group_id, r.prompt_ids, r.output_ids, r.logprobs, r.token_versions,
+               r.temperature, r.top_p, r.top_k, r.seed, r.num_cached_tokens, t.logprobs
+        FROM rollouts r
+        LEFT JOIN (SELECT request_id, arg_max(logprobs, time_ns) AS logprobs FROM trainer
+                   WHERE step = ? GROUP BY request_id) t USING (request_id)
+        WHERE r.step = ?""", [step, step]).fetchall()
+    if not rows and not events:
+        known = _steps_with_rollouts(rec)
+        raise BadInput(f"step {step} is not in the recording (steps with rollouts: "
+                       f"{_ranges(known) or 'none'})", field="step", step=step)
+    by_id = {}
+    for rid, gid, p, o, lp, tv, temp, top_p, top_k, seed, cached, tlp in rows:
+        by_id[rid] = RecordedRequest(
+            request_id=rid, group_id=gid, prompt_ids=list(p), output_ids=list(o),
+            logprobs=np.asarray(lp, np.float32), token_versions=list(tv) if tv is not None else [],
+            temperature=float(temp if temp is not None else 1.0), top_p=float(top_p if top_p is not None else 1.0),
+            top_k=int(top_k if top_k is not None else -1), seed=seed, num_cached_tokens=cached,
+            trainer_logprobs=None if tlp is None else np.asarray(tlp, np.float32))
+    serving, order, updates, modes, complete = None, [], [], [], False
+    for kind, version, rid, detail in events:
+        d = json.loads(detail) if detail else {}
+        if kind == "step_start":
+            serving = version
+        elif kind == "request_submitted" and rid is not None:
+            order.append(rid)
+            if serving is None:
+                serving = version
+        elif kind == "weights_update_start":
+            if "after_step" not in d:
+                raise RecordingError(f"weights_update_start at step {step} has no after_step in its detail; "
+                                     "the replayer needs the update's decode-step position", "cannot replay")
+            updates.append(WeightUpdate(version=int(version), after_step=int(d["after_step"])))
+            modes.append(d.get("mode", "?"))
+        elif kind == "step_end":
+            complete = True
+    missing = [rid for rid in order if rid not in by_id]
+    requests = [by_id[rid] for rid in order if rid in by_id]
+    requests += [r for rid, r in by_id.items() if rid not in set(order)]  # rollouts without events
+    if serving is None:
+        vs = [v for r in requests for v in r.token_versions[:1]]
+        serving = min(vs) if vs else 0
+    versions = sorted({serving, *(u.version for u in updates), *(v for r in requests for v in r.token_versions)})
+    return StepPlan(step=step, serving=int(serving), requests=requests, updates=updates, modes=modes,
+                    versions=versions, complete=complete and not missing, missing=missing)
+
+
+def _ranges(steps: Sequence[int]) -> str:
+    out, start, prev = [], None, None
+    for s in steps:
+        if start is None:
+            start = prev = s
+        elif s == prev + 1:
+            prev = s
+        else:
+            out.append(f"{start}-{prev}" if start != prev else f"{start}")
+            start = prev = s
+    if start is not None:
+        out.append(f"{start}-{prev}" if start != prev else f"{start}")
+    return ", ".join(out)
+
+
+@dataclass
+class ReplayResult:
+    """A replayed step: per request, recorded, trainer and replayed logprobs."""
+
+    step: int
+    config: EngineConfig
+    engine: str
+    mode: str
+    replay_id: str
+    rows: list[dict]                      # request_id, recorded, trainer, replayed, versions, output_ids, first_diff
+    note: str = ""                        # how the replay was made, where it differs from the recording's path
+
+    def _cat(self, key: str) -> np.ndarray:
+        parts = [np.asarray(r[key], np.float64) for r in self.rows if r.get(key) is not None]
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def summary(self) -> dict:
+        """Fidelity (replayed vs recorded) and the mismatch metrics of DESIGN §5.
+
+        A forced token can lie outside the replayed config's sampling support (e.g. outside
+        the top-p nucleus under processed logprobs): its replayed logprob is -inf. Such
+        tokens are counted as ``outside_support`` and left out of the metrics.
+        """
+        rec, rep = self._cat("recorded"), self._cat("replayed")
+        out: dict[str, Any] = {"step": self.step, "config_id": self.config.id, "engine": self.engine,
+                               "mode": self.mode, "n_sequences": len(self.rows)}
+        if self.mode == "score" and len(rep) == len(rec) and len(rec):
+            same = rep == rec
+            d = np.where(same, 0.0, np.abs(rep - rec))
+            finite = np.isfinite(d)
+            out["fidelity"] = {"max_abs_diff": float(d.max()) if finite.all() else float("inf"),
+                               "mean_abs_diff": float(d[finite].mean()) if finite.any() else float("nan"),
+                               "exact": bool(same.all()), "n_tokens": int(len(d)),
+                               "outside_support": int((~np.isfinite(rep)).sum())}
+        if self.mode == "regenerate":
+            diffs = [r["first_diff"] for r in self.rows]
+            out["fidelity"] = {"identical_sequences": sum(d is None for d in diffs),
+                               "first_diff": min((d for d in diffs if d is not None), default=None)}
+        trainer_rows = [r for r in self.rows if r.get("trainer") is not None
+                        and len(r["trainer"]) == len(r["recorded"])]
+        if trainer_rows and self.mode == "score":
+            tr = np.concatenate([np.asarray(r["trainer"], np.float64) for r in trainer_rows])
+            recd = np.concatenate([np.asarray(r["recorded"], np.float64) for r in trainer_rows])
+            repd = np.concatenate([np.asarray(r["replayed"], np.float64) for r in trainer_rows])
+            ok = np.isfinite(tr) & np.isfinite(recd) & np.isfinite(repd)
+            out["recorded"] = token_metrics(tr[ok], recd[ok])
+            out["replayed"] = token_metrics(tr[ok], repd[ok])
+            out["replayed"]["outside_support"] = int((~np.isfinite(repd)).sum())
+        return out
+
+
+class Replayer:
+    """Replays steps of one recording; keeps one engine per config."""
+
+    def __init__(self, path: str | Path, *, engine: str = "reference", device: str = "cpu",
+                 python: str | None = None, model_path: str | Path | None = None):
+        from .recording import open_recording
+
+        self.path = Path(path)
+        self.kind = engine
+        self.device = device
+        self.python = python
+        self.rec = open_recording(self.path)
+        self.model_path = Path(model_path) if model_path else self._model_path()
+        self._engines: dict[str, Any] = {}
+        self._position: dict[str, int] = {}     # config id -> last step whose generation the engine has seen
+        self._weights: dict[int, dict] = {}
+
+    def _model_path(self) -> Path:
+        cfg = self.rec.info().get("run_config") or {}
+        model = cfg.get("model")
+        path = model.get("path") if isinstance(model, dict) else model
+        if not path:
+            raise RecordingError(f"{self.path}: the run config names no model (run_config['model']); "
+                                 "pass model_path= (--model PATH) to replay it", "cannot replay")
+        if not (Path(path) / "config.json").is_file():
+            raise RecordingError(f"{self.path}: the model folder {path} recorded in the run config is gone; "
+                                 "pass model_path= (--model PATH)", "cannot replay")
+        return Path(path)
+
+    def recorded_config(self) -> EngineConfig:
+        cfg = (self.rec.info().get("run_config") or {}).get("engine", {}).get("config")
+        if not cfg:
+            raise RecordingError(f"{self.path}: the run config holds no engine config", "cannot replay")
+        return EngineConfig.from_dict(cfg)
+
+    def steps(self) -> list[int]:
+        return _steps_with_rollouts(self.rec)
+
+    # ------------------------------------------------------------------ engines
+    def _state(self, version: int) -> dict:
+        if version not in self._weights:
+            self._weights[version] = self.rec.load_weights(version)
+        return self._weights[version]
+
+    def _engine(self, config: EngineConfig):
+        from .engines.factory import make_engine
+
+        eng = self._engines.get(config.id)
+        if eng is None:
+            eng = make_engine(self.kind, self.model_path, config, device=self.device, python=self.python)
+            self._engines[config.id] = eng
+            self._position[config.id] = -1
+        return eng
+
+    def _serve(self, eng, versions: Sequence[int], serving: int) -> None:
+        loaded = set(getattr(eng, "versions", ()) or ())
+        for v in versions:
+            if v not in loaded:
+                eng.load_weights(v, self._state(v), activate=False)
+        if hasattr(eng, "activate"):
+            eng.activate(serving)
+        else:
+            eng.load_weights(serving, self._state(serving), activate=True)
+
+    def _drive(self, eng, plan: StepPlan, *, forced: bool, num_topk: int = 0):
+        from .engines.base import GenRequest
+
+        self._serve(eng, plan.versions, plan.serving)
+        reqs = [GenRequest(request_id=r.request_id, prompt_ids=r.prompt_ids,
+                           max_tokens=max(1, len(r.output_ids)), temperature=r.temperature, top_p=r.top_p,
+                           top_k=r.top_k, seed=r.seed, num_topk=num_topk,
+                           forced_output_ids=r.output_ids if forced else None) for r in plan.requests]
+        return eng.generate(reqs, plan.updates)
+
+    def _catch_up(self, eng, config: EngineConfig, step: int, progress: Callable | None) -> None:
+        """Bring the engine's prefix cache to the start of ``step`` under ``config``."""
+        if not config.enable_prefix_caching:
+            return
+        pos = self._position[config.id]
+        if pos >= step:  # went back in time: rebuild from the start
+            if hasattr(eng, "reset_prefix_cache"):
+                eng.reset_prefix_cache()
+            pos = -1
+        earlier = [s for s in self.steps() if pos < s < step]
+        for s in earlier:
+            self._drive(eng, plan_step(self.rec, s), forced=True)
+            if progress:
+                progress(f"rebuilding the prefix cache: step {s}")
+        self._position[config.id] = step - 1
+
+    # ------------------------------------------------------------------ replay
+    def replay(self, step: int, config: EngineConfig | None = None, *, mode: str = "score",
+               write: bool = True, progress: Callable[[str], None] | None = None,
+               allow_incomplete: bool = False) -> ReplayResult:
+        """Replay ``step`` under ``config`` (default: the recorded config)."""
+        if mode not in ("score", "regenerate"):
+            raise BadInput(f"mode must be score or regenerate, not {mode!r}", field="mode")
+        config = config or self.recorded_config()
+        plan = plan_step(self.rec, step)
+        if not plan.complete and not allow_incomplete:
+            what = (f"{len(plan.missing)} submitted request(s) have no rollout" if plan.missing
+                    else "it has no step_end event")
+            raise RecordingError(f"step {step} is incomplete in {self.path} ({what}): the writer stopped "
+                                 f"during it; complete steps: {_ranges(self._complete_steps())}",
+                                 "incomplete step")
+        eng = self._engine(config)
+        forced_ok = bool(getattr(eng, "supports_forced_output", False))
+        self._catch_up(eng, config, step, progress)
+        note = ""
+        if mode == "regenerate":
+            results = self._drive(eng, plan, forced=False)
+        elif forced_ok:
+            results = self._drive(eng, plan, forced=True)
+        else:
+            results = self._score_by_version(eng, plan)
+            note = ("scored per token version with score(): this engine cannot force tokens through its "
+                    "generation path, so in-flight effects (torn model, async lag, stale prefix cache) "
+                    "are not replayed")
+        if progress:
+            progress(f"step {step} replayed")
+        self._position[config.id] = step
+        by_id = {r.request_id: r for r in results}
+        rows = []
+        for r in plan.requests:
+            res = by_id[r.request_id]
+            out = list(res.output_ids) if mode == "regenerate" else list(r.output_ids)
+            first = next((i for i, (a, b) in enumerate(zip(out, r.output_ids)) if a != b), None)
+            if first is None and len(out) != len(r.output_ids):
+                first = min(len(out), len(r.output_ids))
+            rows.append({"request_id": r.request_id, "recorded": r.logprobs,
+                         "trainer": r.trainer_logprobs, "replayed": np.asarray(res.logprobs, np.float32),
+                         "versions": list(res.token_versions) if getattr(res, "token_versions", None) else None,
+                         "output_ids": out, "first_diff": first, "recorded_versions": r.token_versions,
+                         "num_cached_tokens": getattr(res, "num_cached_tokens", None)})
+        result = ReplayResult(step=step, config=config, engine=self.kind, mode=mode,
+                              replay_id=uuid.uuid4().hex[:12], rows=rows, note=note)
+        if write:
+            self._write(result)
+        return result
+
+    def _score_by_version(self, eng, plan: StepPlan):
+        from .engines.base import GenResult, ScoreRequest
+
+        lps = {r.request_id: np.zeros(len(r.output_ids), np.float32) for r in plan.requests}
+        for v in sorted({v for r in plan.requests for v in r.token_versions} or {plan.serving}):
+            self._serve(eng, plan.versions, v)
+            reqs = [ScoreRequest(request_id=r.request_id, prompt_ids=r.prompt_ids, output_ids=r.output_ids,
+                                 temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+                    for r in plan.requests if v in r.token_versions]
+            for res in eng.score(reqs):
+                req = next(r for r in plan.requests if r.request_id == res.request_id)
+                mask = np.asarray(req.token_versions) == v
+                lps[res.request_id][mask] = np.asarray(res.logprobs, np.float32)[mask]
+        return [GenResult(request_id=r.request_id, output_ids=r.output_ids, logprobs=list(lps[r.request_id]),
+                          token_versions=r.token_versions, finish_reason="length") for r in plan.requests]
+
+    def _complete_steps(self) -> list[int]:
+        ended = {s for (s,) in self.rec.sql("SELECT DISTINCT step FROM events WHERE kind = 'step_end'").fetchall()}
+        return [s for s in self.steps() if s in ended]
+
+    def _write(self, result: ReplayResult) -> None:
+        from .recorder import Recorder
+
+        with Recorder(self.path, rank=REPLAY_RANK, mode="append") as w:
+            for row in result.rows:
+                w.replay(step=result.step, request_id=row["request_id"], engine_config=result.config.id,
+                         config=json.dumps(result.config.to_dict(), sort_keys=True), engine=result.engine,
+                         mode=result.mode, replay_id=result.replay_id, logprobs=row["replayed"],
+                         output_ids=row["output_ids"], first_diff=row["first_diff"])
+        self.rec.refresh()
+
+    def close(self) -> None:
+        for eng in self._engines.values():
+            try:
+                eng.close()
+            except ReplayError:
+                pass
+        self._engines.clear()
+        self.rec.close()
+
+    def __enter__(self) -> "Replayer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,100 @@
+"""``replay rerun``: re-execute recorded steps under another engine config, print fidelity and mismatch."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .fixes import FIX_IDS
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """--preset / --fix / --engine / --python / --device / --model, shared with ``bisect``."""
+    p.add_argument("--preset", choices=("v0", "v1"), default=None,
+                   help="engine semantics to replay under (default: the recorded config)")
+    p.add_argument("--fix", action="append", default=[], choices=FIX_IDS, metavar="ID",
+                   help=f"apply a fix (repeatable): {', '.join(FIX_IDS)}")
+    p.add_argument("--engine", choices=("reference", "vllm"), default="reference")
+    p.add_argument("--python", default=None, metavar="PATH",
+                   help="run the engine in a worker under this interpreter (e.g. a venv with another vLLM)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="model folder (default: the one the run config names)")
+
+
+def config_from_args(args, recorded):
+    """The config to replay under: the recorded one, or a preset, with the given fixes."""
+    import dataclasses
+
+    from .fixes import apply_fix, resolve
+
+    cfg = dataclasses.replace(resolve(args.preset), dtype=recorded.dtype) if args.preset else recorded
+    for f in args.fix:
+        cfg = apply_fix(cfg, f)
+    return cfg
+
+
+def parse_steps(text: str) -> list[int]:
+    """``"3"``, ``"2-5"`` or ``"1,4,7-9"``."""
+    from .errors import BadInput
+
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            a, _, b = part.partition("-")
+            out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    except ValueError:
+        raise BadInput(f"--step takes N, A-B or a comma list, not {text!r}", field="step") from None
+    return out
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "rerun", help="re-execute recorded steps under another engine config",
+        description="Replay recorded steps under the recorded config (fidelity) or another preset / "
+                    "fix set, write the replayed logprobs into the recording's replays table, and print "
+                    "fidelity and the mismatch metrics (trainer vs recorded, trainer vs replayed).")
+    p.add_argument("path", help="recording folder")
+    p.add_argument("--step", required=True, help="step, range A-B, or list 1,3,5")
+    p.add_argument("--mode", choices=("score", "regenerate"), default="score")
+    add_config_args(p)
+    p.add_argument("--no-write", action="store_true", help="do not write the replays table")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ._format import table, to_json
+    from .replayer import Replayer
+
+    steps = parse_steps(args.step)
+    out = []
+    with Replayer(args.path, engine=args.engine, device=args.device, python=args.python,
+                  model_path=args.model) as rp:
+        cfg = config_from_args(args, rp.recorded_config())
+        for i, step in enumerate(steps):
+            if args.format == "table" and len(steps) > 1:
+                print(f"replaying step {step} ({i + 1}/{len(steps)})", file=sys.stderr)
+            res = rp.replay(step, cfg, mode=args.mode, write=not args.no_write)
+            s = res.summary()
+            s["config"] = cfg.to_dict()
+            s["note"] = res.note
+            out.append(s)
+    if args.format == "json":
+        print(to_json(out if len(out) > 1 else out[0]))
+        return 0
+    cols = ["step", "config_id", "mode", "fidelity", "recorded |r|", "replayed |r|", "recorded clip",
+            "replayed clip", "replayed kl_new_old"]
+    rows = []
+    for s in out:
+        f = s.get("fidelity", {})
+        fid = (("exact" if f.get("exact") else f"max |Δ| {f.get('max_abs_diff', float('nan')):.2e}")
+               if "exact" in f else f"{f.get('identical_sequences')} identical, first diff {f.get('first_diff')}")
+        rec, rep = s.get("recorded", {}), s.get("replayed", {})
+        rows.append([s["step"], s["config_id"], s["mode"], fid, rec.get("mean_abs_log_ratio"),
+                     rep.get("mean_abs_log_ratio"), rec.get("clip_rate"), rep.get("clip_rate"),
+                     rep.get("kl_new_old")])
+    print(table(cols, rows))
+    print(f"config: {' '.join(f'{k}={v}' for k, v in out[0]['config'].items())}")
+    if out[0]["note"]:
+        print(f"note: {out[0]['note']}")
+    return 0
