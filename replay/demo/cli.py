@@ -24,6 +24,8 @@ def add_parser(subparsers) -> None:
                    help="engine dtype of everything but the lm_head (default float32, so the "
                         "lm_head's dtype is the only numeric difference)")
     p.add_argument("--objective", choices=("gspo", "ppo"), default="gspo")
+    p.add_argument("--spread", type=int, default=3, metavar="N",
+                   help="run v0 under N seeds; their envelope is the spread a run must leave to depart (default 3)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     p.set_defaults(func=_run)
 
@@ -33,5 +35,5 @@ def _run(args: argparse.Namespace) -> int:
 
     main(out=args.out, steps=args.steps, seed=args.seed, runs=args.runs, engine=args.engine,
          device=args.device, jobs=args.jobs, size=args.size, dtype=args.dtype, objective=args.objective,
-         plot=not args.no_plot)
+         plot=not args.no_plot, spread=args.spread)
     return 0

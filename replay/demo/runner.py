@@ -48,6 +48,7 @@ def prepare_model(out: Path, *, size: str, seed: int, sft_steps: int = 14, sft_l
     model_dir = out / ".model" / f"{size}-seed{seed}-sft{sft_steps}"
     if (model_dir / ".warm").exists():
         return model_dir
+    _quiet()
     base = build_model(out / ".model" / f"{size}-seed{seed}-base", size=size, seed=seed)
     tmp = model_dir.with_name(model_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -69,9 +70,27 @@ def prepare_model(out: Path, *, size: str, seed: int, sft_steps: int = 14, sft_l
     return model_dir
 
 
+def _quiet() -> None:
+    """Keep the demo's output to its progress, table and plot (engine libraries chatter)."""
+    import warnings
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def _worker(spec: RunSpec, queue) -> dict:
     import torch
 
+    _quiet()
     torch.set_num_threads(1)
     from .pipeline import run, save_summary
 
@@ -168,7 +187,7 @@ def specs_for(names: list[str], *, out: Path, model_dir: Path, seed: int, steps:
 
 def main(*, out: str = "recordings/demo", steps: int = 32, seed: int = 0, runs: list[str] | None = None,
          engine: str = "reference", device: str = "cpu", jobs: int | None = None, size: str = "tiny",
-         dtype: str = "float32", objective: str = "gspo", plot: bool = True) -> dict:
+         dtype: str = "float32", objective: str = "gspo", plot: bool = True, spread: int = SPREAD_SEEDS) -> dict:
     out_p = Path(out)
     out_p.mkdir(parents=True, exist_ok=True)
     names = runs or default_runs()
@@ -176,18 +195,18 @@ def main(*, out: str = "recordings/demo", steps: int = 32, seed: int = 0, runs: 
         run_config(n.split("@")[0], dtype)  # validate names before any work
     if REFERENCE not in names:
         names = [REFERENCE] + names
-    spread = [f"{REFERENCE}@seed{i}" for i in range(1, SPREAD_SEEDS)]
+    seeds = [f"{REFERENCE}@seed{i}" for i in range(1, max(1, spread))]
     t0 = time.time()
     print(f"replay demo: preparing the {size} model (built locally, warm-started)", file=sys.stderr)
     model_dir = prepare_model(out_p, size=size, seed=seed)
-    specs = specs_for(names + spread, out=out_p, model_dir=model_dir, seed=seed, steps=steps, engine=engine,
+    specs = specs_for(names + seeds, out=out_p, model_dir=model_dir, seed=seed, steps=steps, engine=engine,
                       device=device, dtype=dtype, objective=objective)
     jobs = jobs or max(1, min(len(specs), os.cpu_count() or 1))
     print(f"replay demo: {len(specs)} runs of {steps} steps on the {engine} engine, {jobs} at a time",
           file=sys.stderr)
     results = run_all(specs, jobs)
     by_name = {r["name"]: r for r in results}
-    reference = [by_name[REFERENCE]] + [by_name[s] for s in spread]
+    reference = [by_name[REFERENCE]] + [by_name[s] for s in seeds]
     rows = summarize([by_name[n] for n in names], reference)
     from .report import format_table, plot_curves
 
@@ -195,7 +214,7 @@ def main(*, out: str = "recordings/demo", steps: int = 32, seed: int = 0, runs: 
     summary = {"out": str(out_p), "rows": rows, "seconds": round(time.time() - t0, 1),
                "runs": {r["name"]: r["path"] for r in results}}
     if plot:
-        png = plot_curves(results, out_p / "demo.png", spread_names=[REFERENCE] + spread)
+        png = plot_curves(results, out_p / "demo.png", spread_names=[REFERENCE] + seeds)
         summary["plot"] = str(png)
         print(f"plot: {png}")
     (out_p / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -10,9 +10,18 @@ from ..fixes import EngineConfig
 ENGINES = ("reference", "vllm")
 
 
+def route_engine_logs() -> None:
+    """vLLM logs to stdout by default; send its logs to stderr (unless the user chose), so a
+    command's stdout (``--format json``) stays machine-readable."""
+    import os
+
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
+
 def make_engine(kind: str, model_path: str | Path, config: EngineConfig, *, device: str = "cpu",
                 seed: int = 0, python: str | None = None, worker: bool = False):
     """An object implementing :class:`replay.engines.base.Engine`."""
+    route_engine_logs()
     if kind not in ENGINES:
         raise BadInput(f"unknown engine {kind!r}; engines: {', '.join(ENGINES)}", field="engine")
     if python is not None or worker:
