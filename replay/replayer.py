@@ -359,15 +359,54 @@ class Replayer:
         ended = {s for (s,) in self.rec.sql("SELECT DISTINCT step FROM events WHERE kind = 'step_end'").fetchall()}
         return [s for s in self.steps() if s in ended]
 
-    def _write(self, result: ReplayResult) -> None:
+    def replay_range(self, steps: Sequence[int], config: EngineConfig | None = None, *, mode: str = "score",
+                     jobs: int = 1, write: bool = True, progress: Callable[[str], None] | None = None,
+                     allow_incomplete: bool = False) -> list[ReplayResult]:
+        """Replay several steps under one config.
+
+        In order, on one engine per config (the prefix cache moves forward with the steps
+        instead of being rebuilt for each). With ``jobs > 1`` the steps are cut into
+        contiguous chunks replayed in parallel worker processes, each with its own engine
+        (a chunk under prefix caching first rebuilds the cache up to its first step);
+        results are written here, in step order, by one writer.
+        """
+        config = config or self.recorded_config()
+        steps = sorted(set(steps))
+        if jobs <= 1 or len(steps) < 2:
+            results = []
+            for i, s in enumerate(steps):
+                results.append(self.replay(s, config, mode=mode, write=False, allow_incomplete=allow_incomplete))
+                if progress:
+                    progress(f"step {s} replayed ({i + 1}/{len(steps)})")
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            n = min(jobs, len(steps))
+            chunks = [steps[i * len(steps) // n:(i + 1) * len(steps) // n] for i in range(n)]
+            args = dict(path=str(self.path), kind=self.kind, device=self.device, python=self.python,
+                        model_path=str(self.model_path), config=config.to_dict(), mode=mode,
+                        allow_incomplete=allow_incomplete)
+            results = []
+            with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn")) as pool:
+                for done, chunk in enumerate(pool.map(_replay_chunk, [dict(args, steps=c) for c in chunks])):
+                    results += chunk
+                    if progress:
+                        progress(f"chunk {done + 1}/{n} replayed (steps {chunks[done][0]}-{chunks[done][-1]})")
+        if write:
+            self._write(*results)
+        return results
+
+    def _write(self, *results: ReplayResult) -> None:
         from .recorder import Recorder
 
         with Recorder(self.path, rank=REPLAY_RANK, mode="append") as w:
-            for row in result.rows:
-                w.replay(step=result.step, request_id=row["request_id"], engine_config=result.config.id,
-                         config=json.dumps(result.config.to_dict(), sort_keys=True), engine=result.engine,
-                         mode=result.mode, replay_id=result.replay_id, logprobs=row["replayed"],
-                         output_ids=row["output_ids"], first_diff=row["first_diff"])
+            for result in results:
+                for row in result.rows:
+                        w.replay(step=result.step, request_id=row["request_id"], engine_config=result.config.id,
+                             config=json.dumps(result.config.to_dict(), sort_keys=True), engine=result.engine,
+                             mode=result.mode, replay_id=result.replay_id, logprobs=row["replayed"],
+                             output_ids=row["output_ids"], first_diff=row["first_diff"])
         self.rec.refresh()
 
     def close(self) -> None:
@@ -384,3 +423,15 @@ class Replayer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _replay_chunk(args: dict) -> list[ReplayResult]:
+    """One worker's share of :meth:`Replayer.replay_range` (runs in a child process)."""
+    import torch
+
+    torch.set_num_threads(1)
+    with Replayer(args["path"], engine=args["kind"], device=args["device"], python=args["python"],
+                  model_path=args["model_path"]) as rp:
+        cfg = EngineConfig.from_dict(args["config"])
+        return [rp.replay(s, cfg, mode=args["mode"], write=False, allow_incomplete=args["allow_incomplete"])
+                for s in args["steps"]]

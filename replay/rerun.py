@@ -57,6 +57,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--step", required=True, help="step, range A-B, or list 1,3,5")
     p.add_argument("--mode", choices=("score", "regenerate"), default="score")
     add_config_args(p)
+    p.add_argument("--jobs", type=int, default=1, help="replay chunks of the steps in N worker processes")
     p.add_argument("--no-write", action="store_true", help="do not write the replays table")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=run)
@@ -71,10 +72,9 @@ def run(args: argparse.Namespace) -> int:
     with Replayer(args.path, engine=args.engine, device=args.device, python=args.python,
                   model_path=args.model) as rp:
         cfg = config_from_args(args, rp.recorded_config())
-        for i, step in enumerate(steps):
-            if args.format == "table" and len(steps) > 1:
-                print(f"replaying step {step} ({i + 1}/{len(steps)})", file=sys.stderr)
-            res = rp.replay(step, cfg, mode=args.mode, write=not args.no_write)
+        progress = (lambda msg: print(f"  … {msg}", file=sys.stderr)) if args.format == "table" else None
+        for res in rp.replay_range(steps, cfg, mode=args.mode, jobs=args.jobs, write=not args.no_write,
+                                   progress=progress):
             s = res.summary()
             s["config"] = cfg.to_dict()
             s["note"] = res.note

@@ -1,0 +1,44 @@
+"""``replay tui [PATH [--against REF]] [--root recordings/]``: the terminal UI.
+
+This module only parses arguments. The Textual app loads inside the command, so
+``replay`` itself never imports Textual (the core stays usable without it).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+from .errors import BadInput, ReplayError
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``tui`` command on ``subparsers``; its handler returns an exit code."""
+    p = subparsers.add_parser(
+        "tui", help="browse recordings in the terminal UI",
+        description="Browse recordings: runs, timeline of metrics with the divergence onset, "
+                    "step and token views, replay panel, SQL console.")
+    p.add_argument("path", nargs="?", type=Path, help="recording to open (default: list --root)")
+    p.add_argument("--against", type=Path, default=None, help="reference recording to compare with")
+    p.add_argument("--root", type=Path, default=Path("recordings"),
+                   help="folder searched for recordings, two levels deep (default: recordings/)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the app; 0 on a normal exit."""
+    if args.against is not None and args.path is None:
+        raise BadInput("--against needs a PATH to compare", field="against")
+    for name in ("path", "against"):
+        value = getattr(args, name)
+        if value is not None and not (Path(value) / "manifest.json").is_file():
+            raise BadInput(f"{value} is not a recording (no manifest.json)", field=name)
+    try:
+        app_mod = importlib.import_module("tui.app")
+    except ImportError as e:
+        raise ReplayError(f"the terminal UI needs textual ({e}); install replay-rl[tui]",
+                          "tui unavailable") from None
+    app = app_mod.make_app(args.path, args.against, args.root)
+    app.run()
+    return int(app.return_code or 0)
