@@ -195,7 +195,7 @@ def bisect_fixes(path: str | Path, step: int, *, engine: str = "reference", pres
         rows = [("none", ())]
         rows += [(f"only {f}", (f,)) for f in FIX_IDS]
         rows += [(f"all but {f}", tuple(x for x in FIX_IDS if x != f)) for f in FIX_IDS]
-        rows += [("cumulative " + "+".join(FIX_IDS[:i]), FIX_IDS[:i]) for i in range(1, len(FIX_IDS) + 1)]
+        rows += [(f"cumulative to {FIX_IDS[i - 1]}", FIX_IDS[:i]) for i in range(1, len(FIX_IDS) + 1)]
         none = measure(())["mean_abs_log_ratio"]
         ablation = []
         for label, fixes in rows:

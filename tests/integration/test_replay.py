@@ -88,7 +88,7 @@ def test_bisect_fixes_finds_a_minimal_set_and_an_ablation(runs):
     assert "processed_logprobs" in res["fixes"]
     rows = {r["label"]: r for r in res["ablation"]}
     assert rows["none"]["parity"] is False
-    assert rows["cumulative " + "+".join(FIX_IDS)]["parity"] is True
+    assert rows[f"cumulative to {FIX_IDS[-1]}"]["parity"] is True
     minimal = [r for r in res["ablation"] if r["fixes"] == res["fixes"]]
     assert not minimal or minimal[0]["parity"]
     # direction agrees with the demo's recorded runs: processed_logprobs closes the most
