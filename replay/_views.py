@@ -12,10 +12,11 @@ the table's current schema (:data:`replay.schema.SCHEMAS`, all fields nullable):
 
 The derived views are plain SQL over the table views of one schema: ``tokens`` (one
 row per generated token), ``sequences`` (one row per rollout) and ``step_metrics``
-(one row per step, from :func:`replay.metrics.step_metrics_sql`).
+(one row per step, from :func:`replay.metrics.step_metrics_lists_sql`).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,15 +113,19 @@ def _conform(batch: pa.RecordBatch, schema: pa.Schema, where: Path) -> pa.Record
 _BOUNDS: dict[tuple[str, int, int], tuple[int, int] | None] = {}  # (path, mtime, size) -> steps
 
 
-def _step_bounds(path: Path) -> tuple[int, int] | None:
+def _step_bounds(path: Path, filesystem: fs.FileSystem | None = None) -> tuple[int, int] | None:
     """(min, max) step of a closed segment, or None if it has no step column, no rows or a
     NULL step. Reads the step column only; cached while the file is unchanged."""
-    st = path.stat()
-    key = (str(path), st.st_mtime_ns, st.st_size)
+    if filesystem is None:
+        st = path.stat()
+        key = (str(path), st.st_mtime_ns, st.st_size)
+    else:
+        info = filesystem.get_file_info(str(path))
+        key = (f"{filesystem.type_name}:{id(filesystem)}:{path}", info.mtime_ns, info.size)
     if key in _BOUNDS:
         return _BOUNDS[key]
     bounds = None
-    with pa.memory_map(str(path)) as src:
+    with (pa.memory_map(str(path)) if filesystem is None else filesystem.open_input_file(str(path))) as src:
         idx = ipc.open_file(src).schema.get_field_index("step")
         if idx >= 0:
             reader = ipc.open_file(src, options=ipc.IpcReadOptions(included_fields=[idx]))
@@ -139,22 +144,24 @@ def _step_bounds(path: Path) -> tuple[int, int] | None:
     return bounds
 
 
-def _file_dataset(paths: list[Path], schema: pa.Schema) -> ds.Dataset:
+def _file_dataset(paths: list[Path], schema: pa.Schema,
+                  filesystem: fs.FileSystem | None = None) -> ds.Dataset:
     """The closed segments as one dataset. Each fragment carries its step range as a
     guarantee, so a filter on ``step`` skips whole segments (IPC files have no statistics
     of their own: without this, every filtered query would decompress every segment)."""
     if "step" not in schema.names or not pa.types.is_integer(schema.field("step").type):
-        return ds.dataset([str(p) for p in paths], format="ipc", schema=schema)
+        return ds.dataset([str(p) for p in paths], format="ipc", schema=schema, filesystem=filesystem)
     step = pc.field("step")
     guarantees = []
     for p in paths:
         try:
-            b = _step_bounds(p)
+            b = _step_bounds(p, filesystem)
         except (OSError, pa.ArrowException):
             b = None
         guarantees.append(pc.scalar(True) if b is None else (step >= b[0]) & (step <= b[1]))
     return ds.FileSystemDataset.from_paths([str(p) for p in paths], schema=schema,
-                                           format=ds.IpcFileFormat(), filesystem=fs.LocalFileSystem(),
+                                           format=ds.IpcFileFormat(),
+                                           filesystem=filesystem or fs.LocalFileSystem(),
                                            partitions=guarantees)
 
 
@@ -174,15 +181,25 @@ def _read_cached(path: Path, cache: StreamCache | None) -> StreamContents:
     return contents
 
 
-def scan_table(table: str, parts: list[Part], cache: StreamCache | None = None) -> TableScan:
-    """The dataset of one table over ``parts``; the closed file of a part wins over its stream."""
+def scan_table(table: str, parts: list[Part], cache: StreamCache | None = None,
+               filesystem: fs.FileSystem | None = None) -> TableScan:
+    """The dataset of one table over ``parts``; the closed file of a part wins over its stream.
+
+    With ``filesystem`` (a ``pyarrow.fs`` filesystem) the parts' paths are paths in it.
+    """
+    if filesystem is not None:
+        from ._fs import file_schema_fs, read_stream_fs
+        schema_of = functools.partial(file_schema_fs, filesystem)
+        read = functools.partial(read_stream_fs, filesystem)
+    else:
+        schema_of, read = file_schema, functools.partial(_read_cached, cache=cache)
     warnings: list[str] = []
     files: list[tuple[Path, pa.Schema]] = []
     streams = []
     for p in parts:
         if p.file is not None:
             try:
-                files.append((p.file, file_schema(p.file)))
+                files.append((p.file, schema_of(p.file)))
                 continue
             except FileNotFoundError:
                 pass
@@ -192,11 +209,13 @@ def scan_table(table: str, parts: list[Part], cache: StreamCache | None = None) 
                 warnings.append(f"{p.file} is torn; read its stream {p.stream.name} instead")
         if p.stream is not None:
             try:
-                streams.append(_read_cached(p.stream, cache))
+                streams.append(read(p.stream))
             except FileNotFoundError:  # closed by its writer since the listing
                 closed = p.stream.with_suffix(".arrow")
-                if closed.exists():
-                    files.append((closed, file_schema(closed)))
+                try:
+                    files.append((closed, schema_of(closed)))
+                except FileNotFoundError:
+                    pass
     base = base_schema(table)
     fields = list(base)
     names = set(base.names)
@@ -212,7 +231,7 @@ def scan_table(table: str, parts: list[Part], cache: StreamCache | None = None) 
     schema = pa.schema([f for f in fields if f.name not in dropped], metadata=base.metadata)
     children: list[ds.Dataset] = []
     if files:
-        children.append(_file_dataset([p for p, _ in files], schema))
+        children.append(_file_dataset([p for p, _ in files], schema, filesystem))
     batches = [_conform(b, schema, c.path) for c in streams for b in c.batches]
     if batches:
         children.append(ds.dataset(pa.Table.from_batches(batches, schema=schema)))
@@ -286,9 +305,14 @@ LEFT JOIN (
 
 
 def step_metrics_view_sql(s: str) -> str | None:
-    """The per-step metrics of schema ``s``; None when replay.metrics cannot be loaded."""
+    """The per-step metrics of schema ``s``; None when replay.metrics cannot be loaded.
+
+    Computed from the ``rollouts`` and ``trainer`` tables directly rather than over the
+    ``tokens`` view (same rows and values, a fraction of the time and memory: see
+    :func:`replay.metrics.step_metrics_lists_sql`).
+    """
     try:
-        from .metrics import step_metrics_sql
+        from .metrics import step_metrics_lists_sql
     except ImportError:
         return None
-    return step_metrics_sql(tokens=f"{s}.tokens", rollouts=f"{s}.rollouts", trainer=f"{s}.trainer")
+    return step_metrics_lists_sql(rollouts=f"{s}.rollouts", trainer=f"{s}.trainer")

@@ -52,7 +52,8 @@ class WriterConfig:
     batch_rows: int = 256                 # write a table's batch at this many rows ...
     batch_tokens: int = 131072            # ... or at this many tokens (or top-k positions)
     flush_interval_s: float = 1.0         # ... or when its oldest row waited this long
-    segment_bytes: int = 64 << 20         # rotate a segment (stream -> file) past this size
+    segment_bytes: int = 8 << 20          # rotate a segment (stream -> file) past this size: smaller
+                                          # files let a step filter skip more of a big recording
 
 
 # ---------------------------------------------------------------- segment files

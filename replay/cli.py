@@ -55,6 +55,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
     from .recording import open_recording
 
     paths = list(args.args)
+    if args.max_rows < 0:
+        raise _Usage(f"--max-rows must be >= 0, got {args.max_rows}")
     if args.file is not None:
         query = sys.stdin.read() if args.file == "-" else _read_text(args.file)
     elif len(paths) < 2:
@@ -93,6 +95,9 @@ def _read_text(path: str) -> str:
         return Path(path).read_text()
     except OSError as e:
         raise BadInput(f"cannot read query file {path}: {e.strerror or e}", field="--file") from None
+    except UnicodeDecodeError as e:
+        raise BadInput(f"query file {path} is not UTF-8 text ({e.reason} at byte {e.start})",
+                       field="--file") from None
 
 
 class _Usage(Exception):

@@ -13,7 +13,7 @@ The report is a JSON-ready dict: ``problems`` (each with ``path``, ``reason`` an
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -87,6 +87,7 @@ def doctor(path: str | os.PathLike, *, repair: bool = True) -> dict:
                 if pr["repaired"] and pr["reason"].startswith("open segment"):
                     pr["repaired"] = False
                     pr["reason"] += f" (not done: {done.reason})"
+    _check_listed(root, listed, rep)
     _check_weights(root, rep.problems, rep.counts)
     man = read_manifest(root)
     return {"path": str(root), "status": overall_status(man), "repair": repair,
@@ -175,6 +176,18 @@ def _check_open(root: Path, p: Part, repair: bool, rep: _Report) -> bool:
     rep.add(rel, f"open segment of a finished writer{tail}: closed as "
             f"{p.stream.with_suffix('.arrow').name} with its {c.rows} rows", repaired=True)
     return True
+
+
+def _check_listed(root: Path, listed: dict[str, dict], rep: _Report) -> None:
+    """Segments the manifest lists but that are gone, or that point outside the recording
+    (never read: readers list the folder, not the manifest)."""
+    inside = root.resolve()
+    for rel in sorted(listed):
+        p = PurePosixPath(rel)
+        if p.is_absolute() or ".." in p.parts or not (root / rel).resolve().is_relative_to(inside):
+            rep.add(rel, "the manifest lists a segment outside the recording: refused, never read")
+        elif not (root / rel).exists() and not (root / (rel + ".corrupt")).exists():
+            rep.add(rel, "listed in the manifest but missing from the recording: its rows are lost")
 
 
 def _check_weights(root: Path, problems: list[dict], counts: dict) -> None:

@@ -166,7 +166,11 @@ def load_pt(path: Path, *, trust_pickle: bool = False) -> Any:
                            "pass --trust-pickle", field="file") from None
     except Exception as e:
         raise BadInput(f"{path}: not a torch file torch.load can read ({e})", field="file") from None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise BadInput(f"{path}: not a torch file torch.load can read ({' '.join(str(e).split())})",
+                       field="file") from None
 
 
 def _numpy_globals() -> list:
@@ -185,9 +189,8 @@ def _unpickle_reason(text: str) -> str:
 
     text = re.sub(r"\x1b\[[0-9;]*m", "", text)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in lines:
-        if "Unsupported" in ln or "WeightsUnpickler error" in ln:
-            return " ".join(ln.split()).split(" Please use")[0][:300]
+    for ln in [ln for ln in lines if "Unsupported" in ln] + [ln for ln in lines if "WeightsUnpickler error" in ln]:
+        return " ".join(ln.split()).split(" Please use")[0][:300]
     return " ".join(lines[0].split())[:300] if lines else "unknown reason"
 
 

@@ -30,17 +30,22 @@ def read_manifest(root: Path) -> dict:
     """The manifest of the recording at ``root``; a clear error if missing, corrupt or too new."""
     path = Path(root) / MANIFEST
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise RecordingError(f"{root} is not a recording: no {MANIFEST}", "not a recording") from None
+    except OSError as e:  # a folder named manifest.json, no permission, ...
+        raise RecordingError(f"cannot read {path}: {e.strerror or e}", "unreadable manifest") from None
     try:
-        man = json.loads(text)
-    except json.JSONDecodeError as e:
+        man = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RecordingError(f"{path} is corrupt: {e}", "corrupt manifest") from None
     if not isinstance(man, dict) or "schema_version" not in man:
         raise RecordingError(f"{path} is corrupt: no schema_version", "corrupt manifest")
     ver = man["schema_version"]
-    if not isinstance(ver, int) or ver > SCHEMA_VERSION:
+    if not isinstance(ver, int) or isinstance(ver, bool) or ver < 1:  # versions start at 1
+        raise RecordingError(f"{path} is corrupt: schema_version {ver!r} is not a version "
+                             f"(1 to {SCHEMA_VERSION})", "corrupt manifest")
+    if ver > SCHEMA_VERSION:
         raise RecordingError(
             f"{root} has schema_version {ver!r}; this replay reads versions up to {SCHEMA_VERSION}: upgrade replay",
             "recording too new")

@@ -156,50 +156,132 @@ def step_metrics_sql(tokens: str = "tokens", rollouts: str = "rollouts",
     """
     tok = _relation(tokens, "tokens")
     rol = _relation(rollouts, "rollouts")
+    steps = f"SELECT step FROM {rol}\n    UNION SELECT step FROM {tok}"
+    if trainer is not None:
+        steps += f"\n    UNION SELECT step FROM {_relation(trainer, 'trainer')}"
+    source = f"""SELECT step, lp_trainer AS lt, lp_rollout AS lr, entropy AS ent,
+           weight_version AS tv, trainer_version
+    FROM {tok}"""
+    return _per_step_sql(source, rol, steps, eps_low, eps_high)
+
+
+def step_metrics_lists_sql(rollouts: str = "rollouts", trainer: str = "trainer",
+                           eps_low: float = 0.2, eps_high: float = 0.2) -> str:
+    """The same relation as :func:`step_metrics_sql` over the ``tokens`` view, computed
+    straight from the recording's ``rollouts`` and ``trainer`` tables.
+
+    The ``tokens`` view indexes every list once per position; here each rollout is
+    joined once with the trainer's latest scoring of it (largest ``time_ns``, found on
+    the key columns alone) and the lists are unnested side by side, cut to the
+    rollout's ``output_ids`` length where a list is longer. The join holds the
+    rollouts' side in memory, so that side keeps only its logprobs: when a rollout's
+    versions cover exactly the tokens scored (lists as long as ``output_ids``, no
+    NULLs, every scoring of the key at least as long without NULLs) its
+    ``token_versions`` travel as one sum, and the lag of the sequence is computed
+    from it (integers: the same value as token by token).
+    """
+    rol = _relation(rollouts, "rollouts")
+    tr = _relation(trainer, "trainer")
+    source = f"""SELECT step, trainer_version,
+           unnest(CASE WHEN len(lr) <= n THEN lr ELSE lr[:n] END) AS lr,
+           unnest(CASE WHEN len(lt) <= n THEN lt ELSE lt[:n] END) AS lt,
+           unnest(CASE WHEN len(ent) <= n THEN ent ELSE ent[:n] END) AS ent,
+           unnest(CASE WHEN len(tv) <= n THEN tv ELSE tv[:n] END) AS tv,
+           unnest(CASE WHEN tv_sum IS NOT NULL AND trainer_version IS NOT NULL
+                       THEN [n * CAST(trainer_version AS DOUBLE) - tv_sum] END) AS lag_sum,
+           unnest(CASE WHEN tv_sum IS NOT NULL AND trainer_version IS NOT NULL THEN [n] END) AS lag_n
+    FROM (
+        SELECT r.step, r.n, r.lr, r.tv, r.tv_sum, t.logprobs AS lt, t.ent,
+               t.weight_version AS trainer_version
+        FROM (
+            SELECT step, request_id, n, lr,
+                   CASE WHEN whole THEN NULL ELSE tv END AS tv,
+                   CASE WHEN whole THEN CAST(list_sum(tv) AS DOUBLE) END AS tv_sum
+            FROM (
+                SELECT r.step, r.request_id, len(r.output_ids) AS n, r.logprobs AS lr,
+                       r.token_versions AS tv,
+                       coalesce(len(r.output_ids) > 0 AND len(r.logprobs) = len(r.output_ids)
+                                AND list_count(r.logprobs) = len(r.logprobs)
+                                AND len(r.token_versions) = len(r.output_ids)
+                                AND list_count(r.token_versions) = len(r.token_versions)
+                                AND l.shortest >= len(r.output_ids) AND l.clean, FALSE) AS whole
+                FROM {rol} r
+                LEFT JOIN latest l ON r.step = l.step AND r.request_id = l.request_id
+            )
+        ) r
+        JOIN (
+            SELECT t.step, t.request_id, t.weight_version, t.logprobs, t.entropy AS ent
+            FROM {tr} t
+            JOIN latest l
+            ON t.step = l.step AND t.request_id = l.request_id
+               AND t.time_ns IS NOT DISTINCT FROM l.time_ns
+        ) t ON r.step = t.step AND r.request_id = t.request_id
+    )"""
+    latest = f"""SELECT step, request_id, max(time_ns) AS time_ns,
+           min(len(logprobs)) AS shortest,
+           bool_and(list_count(logprobs) = len(logprobs)) AS clean
+    FROM {tr} GROUP BY step, request_id"""
+    steps = f"SELECT step FROM {rol}\n    UNION SELECT step FROM {tr}"
+    lag = ("(coalesce(sum(lag), 0.0) + coalesce(sum(lag_sum), 0.0)) / "
+           "nullif(count(lag) + coalesce(sum(lag_n), 0), 0)")
+    return _per_step_sql(source, rol, steps, eps_low, eps_high, lag,
+                         "lag_sum, lag_n",
+                         f"latest AS (\n    {latest}\n), ")
+
+
+def _per_step_sql(source: str, rol: str, steps: str, eps_low: float, eps_high: float,
+                  lag: str = "avg(lag)", extra: str = "NULL AS lag_sum, NULL AS lag_n",
+                  ctes: str = "") -> str:
+    """The per-step aggregation shared by both forms: ``source`` yields one row per token
+    with ``step, lt, lr, ent, tv, trainer_version`` (NULL logprobs: not scored);
+    ``lag`` aggregates the step's mean lag from the per-token column and whatever
+    ``extra`` adds (per-sequence sums riding on a scored token); ``ctes``
+    are more common table expressions for ``source`` (``name AS (...), ``)."""
     lo, hi = clip_bounds(eps_low, eps_high)
     c = _double(RHO_CLAMP)
-    trainer_steps = ""
-    if trainer is not None:
-        trainer_steps = f"\n    UNION SELECT step FROM {_relation(trainer, 'trainer')}"
-    return f"""WITH scored AS (
+    return f"""WITH {ctes}scored AS (
     SELECT step,
-           CAST(lp_trainer AS DOUBLE) - CAST(lp_rollout AS DOUBLE) AS r,
-           CAST(lp_trainer AS DOUBLE) AS lt,
-           CAST(lp_rollout AS DOUBLE) AS lr,
-           CAST(entropy AS DOUBLE) AS entropy,
-           CAST(trainer_version AS DOUBLE) - CAST(weight_version AS DOUBLE) AS lag
-    FROM {tok}
-    WHERE lp_trainer IS NOT NULL AND lp_rollout IS NOT NULL
+           CAST(lt AS DOUBLE) - CAST(lr AS DOUBLE) AS r,
+           CAST(lt AS DOUBLE) AS lt,
+           CAST(lr AS DOUBLE) AS lr,
+           CAST(ent AS DOUBLE) AS entropy,
+           CAST(trainer_version AS DOUBLE) - CAST(tv AS DOUBLE) AS lag,
+           {extra}
+    FROM ({source})
+    WHERE lt IS NOT NULL AND lr IS NOT NULL
+), terms AS (
+    SELECT step, r, entropy, lag, lag_sum, lag_n, exp(r) AS rho,
+           CASE WHEN r > {c} THEN exp({c}) WHEN r < -{c} THEN exp(-{c}) ELSE exp(r) END AS rho_c,
+           abs(exp(lt) - exp(lr)) AS prob_diff
+    FROM scored
 ), per_token AS (
     SELECT step,
            count(*) AS n_tokens,
            avg(abs(r)) AS mean_abs_log_ratio,
-           avg(-r) AS k1,
-           avg(exp(r) - 1.0 - r) AS kl_new_old,
-           avg(CASE WHEN r < {_double(lo)} OR r > {_double(hi)} THEN 1.0 ELSE 0.0 END)
-               AS clip_rate,
-           sum(exp(least(greatest(r, -{c}), {c}))) AS sum_rho,
-           sum(exp(2.0 * least(greatest(r, -{c}), {c}))) AS sum_rho2,
-           avg(abs(exp(lt) - exp(lr))) AS prob_diff,
+           sum(r) AS sum_r,
+           avg(rho - 1.0 - r) AS kl_new_old,
+           count_if(r < {_double(lo)} OR r > {_double(hi)}) AS n_clipped,
+           sum(rho_c) AS sum_rho,
+           sum(rho_c * rho_c) AS sum_rho2,
+           avg(prob_diff) AS prob_diff,
            avg(entropy) AS entropy,
-           avg(lag) AS lag
-    FROM scored
+           {lag} AS lag
+    FROM terms
     GROUP BY step
 ), per_rollout AS (
     SELECT step, count(*) AS n_sequences, avg(CAST(reward AS DOUBLE)) AS reward
     FROM {rol}
     GROUP BY step
 ), steps AS (
-    SELECT step FROM {rol}
-    UNION SELECT step FROM {tok}{trainer_steps}
+    {steps}
 )
 SELECT s.step AS step,
        coalesce(p.n_sequences, 0) AS n_sequences,
        coalesce(t.n_tokens, 0) AS n_tokens,
        t.mean_abs_log_ratio,
-       t.k1,
+       -t.sum_r / t.n_tokens AS k1,
        t.kl_new_old,
-       t.clip_rate,
+       t.n_clipped / t.n_tokens AS clip_rate,
        t.sum_rho * t.sum_rho / t.sum_rho2 / t.n_tokens AS ess,
        t.sum_rho2 / t.n_tokens - 1.0 AS chi2,
        t.prob_diff,

@@ -144,6 +144,8 @@ class Recorder:
             raise BadInput(f"mode must be one of {', '.join(MODES)}, got {mode!r}", field="mode")
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
             raise BadInput(f"rank must be an int >= 0, got {rank!r}", field="rank")
+        if run_config is not None and not isinstance(run_config, dict):
+            raise BadInput(f"run_config must be a dict, got {type(run_config).__name__}", field="run_config")
         unknown = set(options) - {f.name for f in dataclasses.fields(WriterConfig)}
         if unknown:  # Recorder(..., max_queue_rows=..., segment_bytes=...) set WriterConfig fields
             raise TypeError(f"Recorder() got unexpected keyword arguments {sorted(unknown)}")
@@ -160,7 +162,8 @@ class Recorder:
             raise RecordingError(f"cannot record into {self.path}: {e}", "cannot record") from e
         try:
             man = update_manifest(self.path, self._open_entry(mode),
-                                  create=new_manifest(run_id or self.path.resolve().name, run_config or {}))
+                                  create=new_manifest(run_id or self.path.resolve().name,
+                                                     _plain(run_config or {})))  # numpy, paths: JSON
         except BaseException as e:
             os.close(self._lock_fd)
             if isinstance(e, OSError):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 import duckdb
@@ -47,6 +47,8 @@ class _Member:
     salvage: SalvageReport | None = None        # the last salvage done on opening / refresh
     dead: list[int] = field(default_factory=list)  # dead ranks left alone (salvage=False)
     streams: dict = field(default_factory=dict)  # open segments read so far (see StreamCache)
+    fs: Any = None                              # pyarrow.fs filesystem holding it; None: local folder
+    nbytes: int = 0                             # bytes under it, counted while listing (fs only)
 
     def status(self) -> str:
         if self.salvage is not None and self.salvage.in_memory and self.salvage.ranks:
@@ -70,7 +72,8 @@ def _safe_names(roots: list[Path], names: Iterable[str] | None) -> list[str]:
     out: list[str] = []
     taken: set[str] = set()
     for root in roots:
-        base = re.sub(r"[^A-Za-z0-9_]", "_", root.resolve().name) or "rec"
+        name = root.resolve().name if isinstance(root, Path) else PurePosixPath(root).name
+        base = re.sub(r"[^A-Za-z0-9_]", "_", name) or "rec"
         if not re.match(r"[A-Za-z_]", base):
             base = "r_" + base
         if base.lower() in _RESERVED:
@@ -90,9 +93,11 @@ def _q(name: str) -> str:
 class Recording:
     """One DuckDB connection over one or several recordings. Use :func:`open_recording`."""
 
-    def __init__(self, roots: list[Path], names: list[str], *, salvage: bool = True):
+    def __init__(self, roots: list[Path], names: list[str], *, salvage: bool = True,
+                 filesystems: list | None = None):
         self._salvage = salvage
-        self._members = [_Member(n, r) for n, r in zip(names, roots)]
+        filesystems = filesystems or [None] * len(roots)
+        self._members = [_Member(n, r, fs=f) for n, r, f in zip(names, roots, filesystems)]
         self._con: duckdb.DuckDBPyConnection | None = duckdb.connect()
         try:
             for m in self._members:
@@ -107,6 +112,8 @@ class Recording:
 
     # ---------------------------------------------------------------- loading
     def _load(self, m: _Member) -> None:
+        if m.fs is not None:
+            return self._load_fs(m)
         m.manifest = manifest_or_error(m.root)
         parts = scan_parts(m.root)
         dead = dead_ranks(m.root, m.manifest, parts)
@@ -121,6 +128,16 @@ class Recording:
         live = {p.stream for ps in parts.values() for p in ps if p.stream is not None}
         m.streams = {k: v for k, v in m.streams.items() if k in live}
         m.scans = {t: scan_table(t, parts[t], m.streams) for t in TABLES}
+        for t, scan in m.scans.items():
+            self._con.register(self._internal(m.name, t), scan.dataset)
+
+    def _load_fs(self, m: _Member) -> None:
+        """Load a recording read through a pyarrow.fs filesystem (read only, no salvage)."""
+        from ._fs import read_manifest_fs, scan_parts_fs
+
+        m.manifest = read_manifest_fs(m.fs, str(m.root))
+        parts, m.nbytes = scan_parts_fs(m.fs, str(m.root))
+        m.scans = {t: scan_table(t, parts[t], filesystem=m.fs) for t in TABLES}
         for t, scan in m.scans.items():
             self._con.register(self._internal(m.name, t), scan.dataset)
 
@@ -223,7 +240,12 @@ class Recording:
                 con.register(self._internal(m.name, t), scan.dataset)
 
             def one(q: str) -> tuple:
-                return con.execute(q).fetchall()[0]
+                try:
+                    return con.execute(q).fetchall()[0]
+                except duckdb.Error as e:  # a damaged segment met while scanning
+                    raise RecordingError(f"{m.root} cannot be read: {' '.join(str(e).split())}; run "
+                                         f"`replay doctor {m.root}` to find the damaged segment",
+                                         "unreadable recording") from e
 
             n_steps, lo, hi = one(f"""SELECT count(DISTINCT step), min(step), max(step) FROM (
                 SELECT step FROM {s}.rollouts UNION ALL SELECT step FROM {s}.trainer
@@ -251,7 +273,7 @@ class Recording:
             "topk_rows": counts["topk"],
             "metric_rows": counts["metrics"],
             "weight_versions": counts["weights"],
-            "bytes_on_disk": _du(m.root),
+            "bytes_on_disk": _du(m.root) if m.fs is None else m.nbytes,
             "open_segments": sum(len(sc.streams) for sc in m.scans.values()),
             "rows_in_open_segments": sum(sc.stream_rows for sc in m.scans.values()),
             "salvage": m.salvage.as_dict() if m.salvage is not None and m.salvage.ranks else None,
@@ -263,7 +285,9 @@ class Recording:
 
     def _ranks(self, m: _Member) -> list[dict]:
         entries = rank_entries(m.manifest)
-        on_disk = ranks_on_disk(scan_parts(m.root))
+        on_disk = {_rank_of(p) for sc in m.scans.values() for p in sc.files + sc.streams}
+        if m.fs is None:
+            on_disk |= ranks_on_disk(scan_parts(m.root))
         out = []
         for r in sorted(set(entries) | on_disk):
             e = entries.get(r, (None, {}))[1]
@@ -272,7 +296,8 @@ class Recording:
                 status = "salvaged"
             closed = sum(1 for sc in m.scans.values() for p in sc.files if _rank_of(p) == r)
             opened = sum(1 for sc in m.scans.values() for p in sc.streams if _rank_of(p) == r)
-            out.append({"rank": r, "status": status, "writer_alive": writer_alive(m.root, r),
+            alive = writer_alive(m.root, r) if m.fs is None else None  # no locks to ask remotely
+            out.append({"rank": r, "status": status, "writer_alive": alive,
                         "closed_segments": closed, "open_segments": opened})
         return out
 
@@ -293,6 +318,10 @@ class Recording:
             raise RecordingError(f"weight version {version} of {m.root} was recorded by hash "
                                  f"only (sha256 {row['sha256']}); load its checkpoint{where}",
                                  "weights not stored")
+        if m.fs is not None:
+            raise RecordingError(f"weight blobs of {m.root} are read from local folders only: copy "
+                                 f"{m.root}/weights to a local recording to load version {version}",
+                                 "weights not local")
         from .weights import WeightStore
         return WeightStore(m.root).load(row["blob"], row["sha256"], framework=framework)
 
@@ -328,17 +357,28 @@ def _du(root: Path) -> int:
 
 
 def open_recording(path_or_paths: str | os.PathLike | Iterable[str | os.PathLike], *,
-                   salvage: bool = True, names: Iterable[str] | None = None) -> Recording:
+                   salvage: bool = True, names: Iterable[str] | None = None,
+                   filesystem: Any = None) -> Recording:
     """Open one recording, or several in one connection (one schema each).
 
     ``salvage``: close the leftover open segments of ranks whose writer died and mark
     the recording ``salvaged`` (in memory only if the folder is read-only).
     ``names``: schema names (default: the folder names, made SQL-safe and unique).
+    ``filesystem``: a ``pyarrow.fs.FileSystem`` the paths are in. A path may also be a
+    URI pyarrow understands (``s3://bucket/runs/run-1``, ``gs://...``, ``hdfs://...``).
+    Either way the recording is read through pyarrow.fs, read only: nothing is
+    salvaged, open segments are read up to their last complete batch, ``writer_alive``
+    is unknown (None) and weight blobs cannot be loaded (see docs/distributed.md).
     """
-    if isinstance(path_or_paths, (str, os.PathLike)):
-        roots = [Path(path_or_paths)]
-    else:
-        roots = [Path(p) for p in path_or_paths]
-    if not roots:
+    from ._fs import resolve
+
+    given = [path_or_paths] if isinstance(path_or_paths, (str, os.PathLike)) else list(path_or_paths)
+    if not given:
         raise BadInput("no recording given", field="path")
-    return Recording(roots, _safe_names(roots, names), salvage=salvage)
+    roots: list = []
+    filesystems: list = []
+    for p in given:
+        f, inner = resolve(p if isinstance(p, str) else os.fspath(p), filesystem)
+        roots.append(Path(p) if f is None else PurePosixPath(inner))
+        filesystems.append(f)
+    return Recording(roots, _safe_names(roots, names), salvage=salvage, filesystems=filesystems)

@@ -82,23 +82,29 @@ class SalvageReport:
 def scan_parts(root: Path, tables: tuple[str, ...] = TABLES) -> dict[str, list[Part]]:
     """Every segment slot of every table, ordered by (rank, part)."""
     out: dict[str, list[Part]] = {}
+    inside = Path(root).resolve()
     for table in tables:
         parts: dict[tuple[int, int], Part] = {}
         tdir = Path(root) / table
+        _refuse_escape(tdir, inside)
         try:
             rank_dirs = [d for d in tdir.iterdir() if RANK_DIR_RE.match(d.name) and d.is_dir()]
         except (FileNotFoundError, NotADirectoryError):
             rank_dirs = []
         for rdir in rank_dirs:
             rank = int(RANK_DIR_RE.match(rdir.name).group(1))
+            _refuse_escape(rdir, inside)
             try:
-                names = os.listdir(rdir)
+                entries = list(os.scandir(rdir))
             except OSError:
                 continue
-            for name in names:
+            for entry in entries:
+                name = entry.name
                 m = SEGMENT_RE.match(name)
                 if m is None:
                     continue
+                if entry.is_symlink():
+                    _refuse_escape(rdir / name, inside)
                 num = int(m.group(1))
                 p = parts.setdefault((rank, num), Part(table, rank, num))
                 if name.endswith(STREAM_SUFFIX):
@@ -107,6 +113,15 @@ def scan_parts(root: Path, tables: tuple[str, ...] = TABLES) -> dict[str, list[P
                     p.file = rdir / name
         out[table] = [parts[k] for k in sorted(parts)]
     return out
+
+
+def _refuse_escape(path: Path, inside: Path) -> None:
+    """A symbolic link in a recording must stay inside it: a RecordingError otherwise."""
+    if path.is_symlink():
+        target = path.resolve()
+        if not target.is_relative_to(inside):
+            raise RecordingError(f"{path} is a symbolic link to {target}, outside the recording "
+                                 f"{inside}: refused; remove the link", "path outside recording")
 
 
 def ranks_on_disk(parts: dict[str, list[Part]]) -> set[int]:
@@ -236,13 +251,17 @@ def _close_stream(part: Part, report: SalvageReport) -> dict | None:
         return None
     dest = stream.with_suffix(FILE_SUFFIX)
     tmp = dest.with_name(f".{dest.name}.salvage.tmp")
-    with pa.OSFile(str(tmp), "wb") as sink:
-        with ipc.new_file(sink, contents.schema, options=_IPC_OPTIONS) as writer:
-            for b in contents.batches:
-                writer.write_batch(b)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dest)
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink:
+            with ipc.new_file(sink, contents.schema, options=_IPC_OPTIONS) as writer:
+                for b in contents.batches:
+                    writer.write_batch(b)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:  # a full disk: the stream stays as it is, for a later salvage
+        tmp.unlink(missing_ok=True)
+        raise
     stream.unlink(missing_ok=True)
     part.file, part.stream = dest, None
     return segment_entry(part.table, dest, contents.rows)
@@ -264,6 +283,27 @@ def _merge_segments(listed: object, segs: list[dict]) -> dict:
         table = seg.pop("table")
         kept = [s for s in out.get(table, []) if not (isinstance(s, dict) and s.get("path") == seg["path"])]
         out[table] = kept + [seg]
+    return out
+
+
+def _unlisted_files(entry: dict, parts: list[Part]) -> list[dict]:
+    """Entries for closed files of a dead rank its manifest entry does not list: the writer
+    (or an earlier salvage) died between closing a segment and updating the manifest."""
+    segs = entry.get("segments")
+    listed = {s.get("path") for v in (segs.values() if isinstance(segs, dict) else ()) if isinstance(v, list)
+              for s in v if isinstance(s, dict)}
+    out = []
+    for p in parts:
+        if p.file is None or p.stream is not None:
+            continue
+        rel = f"{p.table}/{p.file.parent.name}/{p.file.name}"
+        if rel in listed:
+            continue
+        try:
+            _, _, rows = check_file(p.file)
+        except (RecordingError, FileNotFoundError):
+            continue  # unreadable: doctor sets it aside
+        out.append(segment_entry(p.table, p.file, rows))
     return out
 
 
@@ -289,8 +329,9 @@ def salvage(root: Path, ranks: list[int], *, leftovers: bool = False) -> Salvage
             key, entry = entries.get(rank, (str(rank), {}))
             if not leftovers and entry.get("status", "recording") != "recording" and rank in entries:
                 continue  # another reader salvaged it first
-            segs = [s for t in parts for p in parts[t] if p.rank == rank and p.stream is not None
-                    and (s := _close_stream(p, report)) is not None]
+            segs = _unlisted_files(entry, [p for t in parts for p in parts[t] if p.rank == rank])
+            segs += [s for t in parts for p in parts[t] if p.rank == rank and p.stream is not None
+                     and (s := _close_stream(p, report)) is not None]
             entry = dict(entry)
             entry["segments"] = _merge_segments(entry.get("segments"), segs)
             if not leftovers or rank not in entries:
@@ -304,11 +345,12 @@ def salvage(root: Path, ranks: list[int], *, leftovers: bool = False) -> Salvage
         probe.write_bytes(b"")
         probe.unlink()
         update_manifest(root, change)
-    except OSError as e:
-        if report.streams:  # failed half-way: report what is known, then re-raise
-            raise RecordingError(f"salvage of {root} failed after {report.streams} segment(s): "
-                                 f"{one_line(e)}", "salvage failed") from None
-        return memory_salvage(root, ranks, reason=f"{root} is read-only ({one_line(e)})")
+    except (OSError, pa.ArrowException) as e:
+        # A read-only folder, or a full disk half-way through: streams closed so far are
+        # files (each slot holds its stream or its file), the rest is read in memory.
+        why = ("is read-only" if not report.streams
+               else f"could not be salvaged on disk after {report.streams} segment(s)")
+        return memory_salvage(root, ranks, reason=f"{root} {why} ({one_line(e)})")
     return report
 
 
