@@ -372,9 +372,19 @@ def open_recording(path_or_paths: str | os.PathLike | Iterable[str | os.PathLike
     """
     from ._fs import resolve
 
-    given = [path_or_paths] if isinstance(path_or_paths, (str, os.PathLike)) else list(path_or_paths)
+    if isinstance(path_or_paths, (str, os.PathLike)):
+        given = [path_or_paths]
+    elif isinstance(path_or_paths, Iterable) and not isinstance(path_or_paths, (bytes, dict)):
+        given = list(path_or_paths)
+    else:
+        raise BadInput(f"a recording is a path or a list of paths, not {type(path_or_paths).__name__}",
+                       field="path")
     if not given:
         raise BadInput("no recording given", field="path")
+    bad = [p for p in given if not isinstance(p, (str, os.PathLike))]
+    if bad:
+        raise BadInput(f"a recording path must be a str or os.PathLike, not {type(bad[0]).__name__}",
+                       field="path")
     roots: list = []
     filesystems: list = []
     for p in given:

@@ -13,6 +13,8 @@ cannot be written is salvaged in memory only: the caller reads the streams inste
 """
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -175,33 +177,34 @@ def read_stream(path: Path) -> StreamContents:
     return out
 
 
-def check_file(path: Path) -> tuple[pa.Schema, int, int]:
-    """(schema, batches, rows) of a closed segment; RecordingError if it is not readable."""
+@contextlib.contextmanager
+def _closed_segment(path: Path):
+    """An IPC file reader of a closed segment; a RecordingError (with the way out) if unreadable."""
     try:
         with pa.OSFile(str(path), "rb") as src:
-            reader = ipc.open_file(src)
-            n = reader.num_record_batches
-            rows = sum(reader.get_batch(i).num_rows for i in range(n))
-            return reader.schema, n, rows
+            yield ipc.open_file(src)
     except FileNotFoundError:
+        raise
+    except RecordingError:
         raise
     except Exception as e:
         raise RecordingError(f"segment {path} is not a readable Arrow file ({one_line(e)}); "
                              f"run `replay doctor {path.parents[2]}` to set it aside",
                              "corrupt segment") from None
+
+
+def check_file(path: Path) -> tuple[pa.Schema, int, int]:
+    """(schema, batches, rows) of a closed segment; RecordingError if it is not readable."""
+    with _closed_segment(path) as reader:
+        n = reader.num_record_batches
+        rows = sum(reader.get_batch(i).num_rows for i in range(n))
+        return reader.schema, n, rows
 
 
 def file_schema(path: Path) -> pa.Schema:
     """The schema of a closed segment, read from its footer only."""
-    try:
-        with pa.OSFile(str(path), "rb") as src:
-            return ipc.open_file(src).schema
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        raise RecordingError(f"segment {path} is not a readable Arrow file ({one_line(e)}); "
-                             f"run `replay doctor {path.parents[2]}` to set it aside",
-                             "corrupt segment") from None
+    with _closed_segment(path) as reader:
+        return reader.schema
 
 
 def sha256_file(path: Path) -> str:

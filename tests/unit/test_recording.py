@@ -215,3 +215,11 @@ def test_every_truncation_of_a_stream_reads_a_prefix(tmp_path):
         assert c.rows == sum(1 for e in ends if e <= cut) and c.rows >= last
         assert c.good_bytes + c.skipped_bytes == cut
         last = c.rows
+
+
+@pytest.mark.parametrize("bad", [123, None, b"bytes", [1, 2]])
+def test_open_recording_refuses_what_is_not_a_path(bad):
+    from replay import BadInput, open_recording
+
+    with pytest.raises(BadInput, match="path"):
+        open_recording(bad)
