@@ -96,15 +96,9 @@ class EngineConfig:
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:8]
 
-    def fixes_applied(self, base: "EngineConfig | None" = None) -> tuple[str, ...]:
-        """The fix ids whose effect this config has (relative to the v1 preset by default)."""
-        base = base or PRESETS["v1"]
-        return tuple(f for f in FIX_IDS if apply_fix(base, f) != base and _has_fix(self, f))
-
-
-def _has_fix(cfg: EngineConfig, fix: str) -> bool:
-    fixed = apply_fix(cfg, fix)
-    return fixed == cfg
+    def fixes_applied(self) -> tuple[str, ...]:
+        """The fix ids whose effect this config already has (applying them changes nothing)."""
+        return tuple(f for f in FIX_IDS if apply_fix(self, f) == self)
 
 
 def apply_fix(cfg: EngineConfig, fix: str) -> EngineConfig:

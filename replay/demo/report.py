@@ -1,11 +1,9 @@
-"""The demo's table and plot, and the rule that says where a run departs from V0."""
+"""The demo's table and plot, and the spread of V0 across seeds."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-
-DEPART_METRICS = ("clamp_log_ratio_new_old_indicator", "mean_abs_log_ratio_new_old")
 
 
 def envelope(reference: list[list[dict]], metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -13,29 +11,6 @@ def envelope(reference: list[list[dict]], metric: str) -> tuple[np.ndarray, np.n
     n = min(len(h) for h in reference)
     vals = np.array([[h[i][metric] for i in range(n)] for h in reference], dtype=float)
     return np.nanmin(vals, axis=0), np.nanmax(vals, axis=0)
-
-
-def departure_step(history: list[dict], reference: list[list[dict]], *, persist: int = 2,
-                   rel_margin: float = 0.5, abs_margin: float = 1e-3) -> int | None:
-    """The first step from which the run stays outside the V0 spread for ``persist`` steps.
-
-    Outside means: on clip rate or mean |r|, above ``max + m`` or below ``min - m`` where
-    ``m = rel_margin * (max - min) + abs_margin`` (the spread widened by half its width,
-    plus a floor so identical runs never "depart"). Requiring ``persist`` consecutive
-    steps keeps one noisy step from being called an onset.
-    """
-    if not history or not reference:
-        return None
-    out = np.zeros(min(len(history), min(len(h) for h in reference)), dtype=bool)
-    for metric in DEPART_METRICS:
-        lo, hi = envelope(reference, metric)
-        m = rel_margin * (hi - lo) + abs_margin
-        v = np.array([s[metric] for s in history[: len(out)]], dtype=float)
-        out |= (v > hi + m) | (v < lo - m)
-    for i in range(len(out)):
-        if out[i: i + persist].all() and (i + persist <= len(out) or i == len(out) - 1):
-            return int(history[i]["step"])
-    return None
 
 
 def format_table(rows: list[dict]) -> str:
