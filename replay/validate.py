@@ -238,7 +238,9 @@ def check_arrays(table: str, cols: dict[str, tuple[np.ndarray, np.ndarray]],
     for name in LOGPROB_COLUMNS:
         if name in cols:
             flat, lengths = cols[name]
-            ok = np.isfinite(flat) | (np.isneginf(flat) if table in NEG_INF_OK else False)
+            ok = np.isfinite(flat)
+            if not ok.all() and table in NEG_INF_OK:  # the rare path: one more pass only here
+                ok |= np.isneginf(flat)
             if not ok.all():
                 mark(_rows_of(np.flatnonzero(~ok), lengths), name,
                      "logprob is NaN or +inf" if table in NEG_INF_OK else "logprob is NaN or infinite")
