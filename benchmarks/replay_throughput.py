@@ -8,6 +8,10 @@ first. The replayer runs every recorded step teacher-forced under the recorded c
 baseline runs the trainer's HF model forward (float32, one padded batch per step,
 weights of the step's serving version) over the same prompt+output tokens. Both run
 in this process, one after the other, on the same machine.
+
+A second table replays the same steps under V0 semantics (no prefix cache links one
+step to the next), once one step per engine call (``batch=1``) and once with
+consecutive steps batched into shared calls (the default), and prints the ratio.
 """
 from __future__ import annotations
 
@@ -78,6 +82,29 @@ def main() -> None:
     print(f"{'replay (teacher-forced generation path, reference)':<52} {n_tok:>8} {t_replay:>8.2f} {r_rate:>10.0f}")
     print(f"{'HF transformers forward + log_softmax (baseline)':<52} {b_tok:>8} {t_base:>8.2f} {b_rate:>10.0f}")
     print(f"ratio replay / baseline: {r_rate / b_rate:.2f}x")
+    batched(path, steps)
+
+
+def batched(path: Path, steps: list[int], batch: int = 256) -> None:
+    import dataclasses
+
+    from replay.fixes import resolve
+    from replay.replayer import Replayer
+
+    with Replayer(path) as rp:
+        cfg = dataclasses.replace(resolve("v0"), dtype=rp.recorded_config().dtype)
+        rp.replay_range(steps[:1], cfg, write=False)  # warm-up: engine start, weights
+        rates, calls = {}, {}
+        for b in (1, batch):
+            before, t0 = rp.engine_calls, time.perf_counter()
+            res = rp.replay_range(steps, cfg, batch=b, write=False)
+            n = sum(len(r["replayed"]) for x in res for r in x.rows)
+            rates[b], calls[b] = n / (time.perf_counter() - t0), rp.engine_calls - before
+    print(f"\n{'range replay under v0 semantics':<52} {'calls':>8} {'tokens/s':>10}")
+    for b in rates:
+        label = "one step per engine call (batch=1)" if b == 1 else f"steps batched (batch={b} requests)"
+        print(f"{label:<52} {calls[b]:>8} {rates[b]:>10.0f}")
+    print(f"ratio batched / one step per call: {rates[batch] / rates[1]:.2f}x")
 
 
 if __name__ == "__main__":

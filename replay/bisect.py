@@ -151,7 +151,8 @@ def bisect_fixes(path: str | Path, step: int, *, engine: str = "reference", pres
                  rel_tol: float = 0.1, abs_tol: float = 1e-3, device: str = "cpu", python: str | None = None,
                  progress=None, replayer=None, write: bool = True) -> dict:
     """At ``step``, the minimal set of fixes (on ``preset``) whose replay restores parity with
-    the trainer, and the ablation table (none, each alone, all but one, cumulative).
+    the trainer, and the ablation table (none, each alone, all but one, cumulative, and the
+    minimal set itself).
 
     Parity: the replayed logprobs' mean |lp_trainer - lp_replayed| is at most that of the
     replay with all four fixes times ``1 + rel_tol``, plus ``abs_tol``. (All four fixes
@@ -196,6 +197,7 @@ def bisect_fixes(path: str | Path, step: int, *, engine: str = "reference", pres
         rows += [(f"only {f}", (f,)) for f in FIX_IDS]
         rows += [(f"all but {f}", tuple(x for x in FIX_IDS if x != f)) for f in FIX_IDS]
         rows += [(f"cumulative to {FIX_IDS[i - 1]}", FIX_IDS[:i]) for i in range(1, len(FIX_IDS) + 1)]
+        rows.append(("minimal", tuple(f for f in FIX_IDS if f in minimal)))
         none = measure(())["mean_abs_log_ratio"]
         ablation = []
         for label, fixes in rows:

@@ -54,37 +54,33 @@ def run(args: argparse.Namespace) -> int:
     from ._format import to_json
     from .errors import BadInput
 
-    try:
-        if args.by == "steps":
-            if args.replay:
-                res = b.bisect_steps_replay(args.path, preset=args.preset or "v0", fixes=tuple(args.fix),
-                                            tol=args.tol or 0.02, engine=args.engine, device=args.device,
-                                            python=args.python, progress=_progress(args))
-            else:
-                res = b.bisect_steps(args.path, args.against, threshold=args.threshold)
+    if args.by == "steps":
+        if args.replay:
+            res = b.bisect_steps_replay(args.path, preset=args.preset or "v0", fixes=tuple(args.fix),
+                                        tol=args.tol or 0.02, engine=args.engine, device=args.device,
+                                        python=args.python, progress=_progress(args))
         else:
-            step = args.step
-            if step is None and args.against:
-                step = b.bisect_steps(args.path, args.against)["step"]
-            if step is None:
-                raise BadInput("give --step N (or --against REF to use the onset)", field="step")
-            if args.by == "fixes":
-                res = b.bisect_fixes(args.path, step, engine=args.engine, preset=args.preset or "v1",
-                                     device=args.device, python=args.python, progress=_progress(args))
-            elif args.by == "tokens":
-                res = b.bisect_tokens(args.path, step, tol=args.tol if args.tol is not None else 0.5,
-                                      request_id=args.request)
-            else:
-                if args.request is None or args.pos is None:
-                    raise BadInput("--by layers needs --request ID and --pos N", field="request")
-                res = b.bisect_layers(args.path, step, args.request, args.pos, preset=args.preset,
-                                      fixes=tuple(args.fix) or ("fp32_lm_head",),
-                                      against="trainer" if args.trainer else "config",
-                                      tol=args.tol if args.tol is not None else (1e-4 if args.trainer else 1e-6),
-                                      device=args.device)
-    except KeyboardInterrupt:
-        print("replay: bisect interrupted", file=sys.stderr)
-        return 130
+            res = b.bisect_steps(args.path, args.against, threshold=args.threshold)
+    else:
+        step = args.step
+        if step is None and args.against:
+            step = b.bisect_steps(args.path, args.against)["step"]
+        if step is None:
+            raise BadInput("give --step N (or --against REF to use the onset)", field="step")
+        if args.by == "fixes":
+            res = b.bisect_fixes(args.path, step, engine=args.engine, preset=args.preset or "v1",
+                                 device=args.device, python=args.python, progress=_progress(args))
+        elif args.by == "tokens":
+            res = b.bisect_tokens(args.path, step, tol=args.tol if args.tol is not None else 0.5,
+                                  request_id=args.request)
+        else:
+            if args.request is None or args.pos is None:
+                raise BadInput("--by layers needs --request ID and --pos N", field="request")
+            res = b.bisect_layers(args.path, step, args.request, args.pos, preset=args.preset,
+                                  fixes=tuple(args.fix) or ("fp32_lm_head",),
+                                  against="trainer" if args.trainer else "config",
+                                  tol=args.tol if args.tol is not None else (1e-4 if args.trainer else 1e-6),
+                                  device=args.device)
     if args.format == "json":
         print(to_json(res))
     else:

@@ -213,5 +213,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         return _fail("file error", f"{e.filename}: {e.strerror or e}" if e.filename else str(e))
     except KeyboardInterrupt:
+        print("replay: interrupted", file=sys.stderr)
         return 130
     return 0

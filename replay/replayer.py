@@ -21,13 +21,17 @@ under a chosen :class:`~replay.fixes.EngineConfig`:
 The prefix cache at a step's start is rebuilt by replaying, under the same config,
 every earlier step's generation (forced to its recorded tokens) in order, as the
 run did. An engine is kept per config and moves forward through the steps, so a
-range of steps in order pays for that history once.
+range of steps in order pays for that history once. Under a config without prefix
+caching nothing links one step to the next, and a range batches consecutive steps
+into shared engine calls (each step from its own serving version, with its own
+updates).
 
 Results go back into the recording as rows of the ``replays`` table, keyed by the
 engine config id, so SQL sees replayed logprobs beside recorded ones.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -215,6 +219,7 @@ class Replayer:
         self._engines: dict[str, Any] = {}
         self._position: dict[str, int] = {}     # config id -> last step whose generation the engine has seen
         self._weights: dict[int, dict] = {}
+        self.engine_calls = 0                   # generate() / generate_groups() calls made, all configs
 
     def _model_path(self) -> Path:
         cfg = self.rec.info().get("run_config") or {}
@@ -264,14 +269,18 @@ class Replayer:
             eng.load_weights(serving, self._state(serving), activate=True)
 
     def _drive(self, eng, plan: StepPlan, *, forced: bool, num_topk: int = 0):
+        self._serve(eng, plan.versions, plan.serving)
+        self.engine_calls += 1
+        return eng.generate(self._gen_requests(plan, forced, num_topk), plan.updates)
+
+    @staticmethod
+    def _gen_requests(plan: StepPlan, forced: bool, num_topk: int = 0) -> list:
         from .engines.base import GenRequest
 
-        self._serve(eng, plan.versions, plan.serving)
-        reqs = [GenRequest(request_id=r.request_id, prompt_ids=r.prompt_ids,
+        return [GenRequest(request_id=r.request_id, prompt_ids=r.prompt_ids,
                            max_tokens=max(1, len(r.output_ids)), temperature=r.temperature, top_p=r.top_p,
                            top_k=r.top_k, seed=r.seed, num_topk=num_topk,
                            forced_output_ids=r.output_ids if forced else None) for r in plan.requests]
-        return eng.generate(reqs, plan.updates)
 
     def _catch_up(self, eng, config: EngineConfig, step: int, progress: Callable | None) -> None:
         """Bring the engine's prefix cache to the start of ``step`` under ``config``."""
@@ -297,13 +306,7 @@ class Replayer:
         if mode not in ("score", "regenerate"):
             raise BadInput(f"mode must be score or regenerate, not {mode!r}", field="mode")
         config = config or self.recorded_config()
-        plan = plan_step(self.rec, step)
-        if not plan.complete and not allow_incomplete:
-            what = (f"{len(plan.missing)} submitted request(s) have no rollout" if plan.missing
-                    else "it has no step_end event")
-            raise RecordingError(f"step {step} is incomplete in {self.path} ({what}): the writer stopped "
-                                 f"during it; complete steps: {_ranges(self._complete_steps())}",
-                                 "incomplete step")
+        plan = self._plan(step, allow_incomplete)
         eng = self._engine(config)
         forced_ok = bool(getattr(eng, "supports_forced_output", False))
         self._catch_up(eng, config, step, progress)
@@ -320,6 +323,22 @@ class Replayer:
         if progress:
             progress(f"step {step} replayed")
         self._position[config.id] = step
+        result = self._result(plan, results, config, mode, note)
+        if write:
+            self._write(result)
+        return result
+
+    def _plan(self, step: int, allow_incomplete: bool) -> StepPlan:
+        plan = plan_step(self.rec, step)
+        if not plan.complete and not allow_incomplete:
+            what = (f"{len(plan.missing)} submitted request(s) have no rollout" if plan.missing
+                    else "it has no step_end event")
+            raise RecordingError(f"step {step} is incomplete in {self.path} ({what}): the writer stopped "
+                                 f"during it; complete steps: {_ranges(self._complete_steps())}",
+                                 "incomplete step")
+        return plan
+
+    def _result(self, plan: StepPlan, results, config: EngineConfig, mode: str, note: str = "") -> ReplayResult:
         by_id = {r.request_id: r for r in results}
         rows = []
         for r in plan.requests:
@@ -333,11 +352,8 @@ class Replayer:
                          "versions": list(res.token_versions) if getattr(res, "token_versions", None) else None,
                          "output_ids": out, "first_diff": first, "recorded_versions": r.token_versions,
                          "num_cached_tokens": getattr(res, "num_cached_tokens", None)})
-        result = ReplayResult(step=step, config=config, engine=self.kind, mode=mode,
-                              replay_id=uuid.uuid4().hex[:12], rows=rows, note=note)
-        if write:
-            self._write(result)
-        return result
+        return ReplayResult(step=plan.step, config=config, engine=self.kind, mode=mode,
+                            replay_id=uuid.uuid4().hex[:12], rows=rows, note=note)
 
     def _score_by_version(self, eng, plan: StepPlan):
         from .engines.base import GenResult, ScoreRequest
@@ -360,24 +376,40 @@ class Replayer:
         return [s for s in self.steps() if s in ended]
 
     def replay_range(self, steps: Sequence[int], config: EngineConfig | None = None, *, mode: str = "score",
-                     jobs: int = 1, write: bool = True, progress: Callable[[str], None] | None = None,
+                     jobs: int = 1, batch: int = 256, write: bool = True,
+                     progress: Callable[[str], None] | None = None,
                      allow_incomplete: bool = False) -> list[ReplayResult]:
         """Replay several steps under one config.
 
         In order, on one engine per config (the prefix cache moves forward with the steps
-        instead of being rebuilt for each). With ``jobs > 1`` the steps are cut into
+        instead of being rebuilt for each). Where no prefix cache links one step to the
+        next (the config has prefix caching off), consecutive steps are batched: up to
+        ``batch`` requests of several steps go to the engine in one call, each step with
+        its own serving version and update schedule (:func:`~replay.engines.base.generate_groups`);
+        ``batch=1`` replays one step per call. With ``jobs > 1`` the steps are cut into
         contiguous chunks replayed in parallel worker processes, each with its own engine
         (a chunk under prefix caching first rebuilds the cache up to its first step);
         results are written here, in step order, by one writer.
         """
+        if mode not in ("score", "regenerate"):
+            raise BadInput(f"mode must be score or regenerate, not {mode!r}", field="mode")
+        if batch < 1:
+            raise BadInput(f"batch must be >= 1 request, not {batch}", field="batch")
         config = config or self.recorded_config()
         steps = sorted(set(steps))
         if jobs <= 1 or len(steps) < 2:
             results = []
-            for i, s in enumerate(steps):
-                results.append(self.replay(s, config, mode=mode, write=False, allow_incomplete=allow_incomplete))
+            for chunk in self._batches(steps, config, mode, batch, allow_incomplete):
+                before = len(results)
+                if isinstance(chunk[0], StepPlan):
+                    results += self._replay_batch(chunk, config, mode)
+                else:
+                    results.append(self.replay(chunk[0], config, mode=mode, write=False,
+                                               allow_incomplete=allow_incomplete))
                 if progress:
-                    progress(f"step {s} replayed ({i + 1}/{len(steps)})")
+                    first, last = results[before].step, results[-1].step
+                    what = f"step {first}" if first == last else f"steps {first}-{last}"
+                    progress(f"{what} replayed ({len(results)}/{len(steps)})")
         else:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
@@ -385,7 +417,7 @@ class Replayer:
             n = min(jobs, len(steps))
             chunks = [steps[i * len(steps) // n:(i + 1) * len(steps) // n] for i in range(n)]
             args = dict(path=str(self.path), kind=self.kind, device=self.device, python=self.python,
-                        model_path=str(self.model_path), config=config.to_dict(), mode=mode,
+                        model_path=str(self.model_path), config=config.to_dict(), mode=mode, batch=batch,
                         allow_incomplete=allow_incomplete)
             results = []
             with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn")) as pool:
@@ -397,10 +429,45 @@ class Replayer:
             self._write(*results)
         return results
 
+    def _batches(self, steps: list[int], config: EngineConfig, mode: str, batch: int,
+                 allow_incomplete: bool):
+        """Consecutive steps cut into engine calls: lists of plans of at most ``batch`` requests
+        (a larger step alone), or ``[step]`` where a step must be replayed on its own."""
+        eng = self._engine(config)
+        forced_ok = bool(getattr(eng, "supports_forced_output", False))
+        if batch == 1 or config.enable_prefix_caching or (mode == "score" and not forced_ok):
+            for s in steps:
+                yield [s]
+            return
+        chunk: list[StepPlan] = []
+        for s in steps:
+            plan = self._plan(s, allow_incomplete)
+            if chunk and sum(len(p.requests) for p in chunk) + len(plan.requests) > batch:
+                yield chunk
+                chunk = []
+            chunk.append(plan)
+        if chunk:
+            yield chunk
+
+    def _replay_batch(self, plans: list[StepPlan], config: EngineConfig, mode: str) -> list[ReplayResult]:
+        """Several steps in one engine call, each from its own serving version (no prefix cache)."""
+        from .engines.base import GenGroup, generate_groups
+
+        eng = self._engine(config)
+        loaded = set(getattr(eng, "versions", ()) or ())
+        for v in sorted({v for p in plans for v in p.versions} - loaded):
+            eng.load_weights(v, self._state(v), activate=False)
+        groups = [GenGroup(self._gen_requests(p, forced=mode == "score"), list(p.updates), p.serving)
+                  for p in plans]
+        self.engine_calls += 1
+        outs = generate_groups(eng, groups)
+        self._position[config.id] = plans[-1].step
+        return [self._result(p, out, config, mode) for p, out in zip(plans, outs)]
+
     def _write(self, *results: ReplayResult) -> None:
         from .recorder import Recorder
 
-        with Recorder(self.path, rank=REPLAY_RANK, mode="append") as w:
+        with _interrupt_after(), Recorder(self.path, rank=REPLAY_RANK, mode="append") as w:
             for result in results:
                 for row in result.rows:
                         w.replay(step=result.step, request_id=row["request_id"], engine_config=result.config.id,
@@ -425,6 +492,26 @@ class Replayer:
         self.close()
 
 
+@contextlib.contextmanager
+def _interrupt_after():
+    """Hold Ctrl-C until the block ends, then raise it: replays are written whole or not at all."""
+    import signal
+    import threading
+
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
+
+
 def _replay_chunk(args: dict) -> list[ReplayResult]:
     """One worker's share of :meth:`Replayer.replay_range` (runs in a child process)."""
     import torch
@@ -433,5 +520,5 @@ def _replay_chunk(args: dict) -> list[ReplayResult]:
     with Replayer(args["path"], engine=args["kind"], device=args["device"], python=args["python"],
                   model_path=args["model_path"]) as rp:
         cfg = EngineConfig.from_dict(args["config"])
-        return [rp.replay(s, cfg, mode=args["mode"], write=False, allow_incomplete=args["allow_incomplete"])
-                for s in args["steps"]]
+        return rp.replay_range(args["steps"], cfg, mode=args["mode"], batch=args["batch"], write=False,
+                               allow_incomplete=args["allow_incomplete"])

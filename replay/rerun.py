@@ -58,6 +58,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--mode", choices=("score", "regenerate"), default="score")
     add_config_args(p)
     p.add_argument("--jobs", type=int, default=1, help="replay chunks of the steps in N worker processes")
+    p.add_argument("--batch", type=int, default=256, metavar="N",
+                   help="without prefix caching, replay consecutive steps together, up to N requests per "
+                        "engine call (1: one step per call; default 256)")
     p.add_argument("--no-write", action="store_true", help="do not write the replays table")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=run)
@@ -73,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
                   model_path=args.model) as rp:
         cfg = config_from_args(args, rp.recorded_config())
         progress = (lambda msg: print(f"  … {msg}", file=sys.stderr)) if args.format == "table" else None
-        for res in rp.replay_range(steps, cfg, mode=args.mode, jobs=args.jobs, write=not args.no_write,
+        for res in rp.replay_range(steps, cfg, mode=args.mode, jobs=args.jobs, batch=args.batch,
+                                   write=not args.no_write,
                                    progress=progress):
             s = res.summary()
             s["config"] = cfg.to_dict()

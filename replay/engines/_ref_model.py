@@ -15,8 +15,10 @@ Exactness by construction (the replayer relies on it):
 * every linear op pads its rows to a multiple of :data:`ROW_BLOCK`: on CPU a GEMM
   row then gets the same bits whatever the other rows are, so results do not depend
   on batch composition and a prefill computes the same K/V a decode would;
-* attention runs one query row at a time over a view of the request's KV buffer,
-  so a prefill, a decode step and a prefix-cache hit give bit-identical outputs.
+* attention runs each query row over a view of its request's KV buffer (rows that
+  attend over the same number of keys go through one batched matmul, whose entries
+  are computed one (row, head) at a time), so a prefill, a decode step and a
+  prefix-cache hit give bit-identical outputs.
 """
 from __future__ import annotations
 
@@ -145,6 +147,13 @@ class ServingView:
     def versions(self) -> set[int]:
         return {self.embed, self.head, *self.layers}
 
+    def copy(self) -> "ServingView":
+        return ServingView(self.embed, list(self.layers), self.head)
+
+    def key(self) -> tuple:
+        """Hashable: rows under equal keys run the same weights."""
+        return (self.embed, tuple(self.layers), self.head)
+
 
 # --------------------------------------------------------------------- KV buffers
 
@@ -210,6 +219,17 @@ def attend_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int) ->
     return torch.matmul(probs, v).reshape(-1)
 
 
+def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int) -> torch.Tensor:
+    """:func:`attend_row` for ``B`` rows at once over equally long keys: q [B, heads, d],
+    k / v [B, kv_heads, T, d]. The same batched matmuls per (row, kv head), so each row
+    gets the bits it gets alone (a test holds the engine to it)."""
+    b, kvh, _, d = k.shape
+    qg = q.view(b, kvh, group, d)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * (d ** -0.5)
+    probs = torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v).reshape(b, -1)
+
+
 @dataclass
 class Chunk:
     """Consecutive positions of one request to run through the model."""
@@ -248,6 +268,7 @@ def forward(chunks: list[Chunk], weights: dict[int, VersionWeights], view: Servi
         k = _rotate(k, cos[:, None, :], sin[:, None, :])
         attn = torch.empty((ids.shape[0], nh * d), dtype=dtype, device=device)
         row = 0
+        by_len: dict[int, list[tuple[int, Chunk]]] = {}   # rows that attend over the same number of keys
         for c in chunks:
             n = len(c.tokens)
             if c.start + n > c.kv.k[li].shape[1]:
@@ -255,9 +276,16 @@ def forward(chunks: list[Chunk], weights: dict[int, VersionWeights], view: Servi
             c.kv.k[li][:, c.start:c.start + n] = k[row:row + n].transpose(0, 1)
             c.kv.v[li][:, c.start:c.start + n] = vv[row:row + n].transpose(0, 1)
             for i in range(n):
-                end = c.start + i + 1
-                attn[row + i] = attend_row(q[row + i], c.kv.k[li][:, :end], c.kv.v[li][:, :end], group)
+                by_len.setdefault(c.start + i + 1, []).append((row + i, c))
             row += n
+        for end, rows in by_len.items():
+            if len(rows) == 1:
+                r, c = rows[0]
+                attn[r] = attend_row(q[r], c.kv.k[li][:, :end], c.kv.v[li][:, :end], group)
+            else:
+                idx = torch.tensor([r for r, _ in rows], dtype=torch.long, device=device)
+                attn[idx] = attend_rows(q[idx], torch.stack([c.kv.k[li][:, :end] for _, c in rows]),
+                                        torch.stack([c.kv.v[li][:, :end] for _, c in rows]), group)
         h = h + linear(attn, w["self_attn.o_proj.weight"])
         x = rms_norm(h, w["post_attention_layernorm.weight"], arch.rms_norm_eps)
         x = F.silu(linear(x, w["mlp.gate_proj.weight"])) * linear(x, w["mlp.up_proj.weight"])

@@ -73,6 +73,56 @@ class WeightUpdate:
     after_step: int              # applied after this many decode steps of the call (0 = before the first)
 
 
+@dataclass
+class GenGroup:
+    """Requests with their own engine history inside a batched call: one recorded step.
+
+    A group starts serving ``serving`` (None: whatever the engine serves now) and applies
+    ``updates`` at decode steps counted from the group's own start, as a separate
+    ``generate(requests, updates)`` would. Request ids need only be unique within a group.
+    """
+
+    requests: list[GenRequest]
+    updates: list[WeightUpdate] = field(default_factory=list)
+    serving: int | None = None
+
+
+def generate_groups(engine: Any, groups: Sequence[GenGroup]) -> list[list[GenResult]]:
+    """Run ``groups`` batched as far as ``engine`` allows; results per group, in order.
+
+    An engine with its own ``generate_groups`` runs every group in one batch (each with
+    its own serving version and update schedule). Any other engine gets one
+    ``generate()`` call per distinct schedule: groups that start on the same version with
+    the same updates (and no request id in common) share a call. The groups share no
+    prefix-cache history: with prefix caching on, replay them one by one instead.
+    """
+    native = getattr(engine, "generate_groups", None)
+    if native is not None:
+        return native(groups)
+    calls: list[tuple[tuple, list[int], set[str]]] = []   # (schedule, group indices, request ids)
+    for i, g in enumerate(groups):
+        key = (g.serving, tuple((u.version, u.after_step) for u in g.updates))
+        ids = {r.request_id for r in g.requests}
+        call = next((c for c in calls if c[0] == key and not (c[2] & ids)), None)
+        if call is None:
+            calls.append((key, [i], ids))
+        else:
+            call[1].append(i)
+            call[2].update(ids)
+    out: list[list[GenResult]] = [[] for _ in groups]
+    for (serving, _), members, _ in calls:
+        if serving is not None and getattr(engine, "version", None) != serving:
+            engine.activate(serving)
+        first = groups[members[0]]
+        results = engine.generate([r for m in members for r in groups[m].requests], first.updates)
+        at = 0
+        for m in members:
+            n = len(groups[m].requests)
+            out[m] = results[at:at + n]
+            at += n
+    return out
+
+
 @runtime_checkable
 class Engine(Protocol):
     """What the replayer, the demo and the bisection drive."""

@@ -74,7 +74,7 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import BadInput
 from ..fixes import EngineConfig
-from .base import GenRequest, GenResult, ScoreRequest, ScoreResult, WeightUpdate
+from .base import GenGroup, GenRequest, GenResult, ScoreRequest, ScoreResult, WeightUpdate
 
 
 @dataclass
@@ -91,6 +91,16 @@ class _Running:
     topk_lps: list[list[float]] = field(default_factory=list)
     cached: int = 0
     finish: str | None = None
+
+
+@dataclass
+class _Group:
+    """One group's state during generate_groups(): its serving view, reported version, pending actions."""
+
+    view: Any                                # ServingView
+    version: int | None                      # the version reported for the tokens it emits now
+    actions: list[tuple[int, str, int, int]]
+    runs: list[_Running]
 
 
 class ReferenceEngine:
@@ -141,13 +151,8 @@ class ReferenceEngine:
 
     def activate(self, version: int) -> None:
         """Serve an already loaded ``version`` (all units at once); the prefix cache is kept."""
-        from ._ref_model import ServingView
-
-        if version not in self._weights:
-            raise BadInput(f"weight version {version} was never loaded; loaded: {self.versions}",
-                           field="version")
+        self._view = self._uniform(version)
         self.version = int(version)
-        self._view = ServingView.uniform(int(version), self.arch.num_layers)
 
     def reset_prefix_cache(self) -> None:
         """Drop every prefix-cache entry (vLLM's ``reset_prefix_cache()``)."""
@@ -196,19 +201,27 @@ class ReferenceEngine:
         actions.sort(key=lambda a: (a[0], a[1], a[2]))
         return [(a[0], a[3], a[4], a[5]) for a in actions]
 
-    def _apply(self, action: tuple[int, str, int, int]) -> None:
+    def _apply(self, action: tuple[int, str, int, int], state: "_Group") -> None:
         _, what, version, unit = action
         if what == "label":
-            self.version = version
+            state.version = version
         elif what == "all":
-            self.activate(version)
+            state.view = self._uniform(version)
         elif what == "embed+layer":
-            self._view.embed = version
-            self._view.layers[0] = version
+            state.view.embed = version
+            state.view.layers[0] = version
         elif what == "layer":
-            self._view.layers[unit] = version
+            state.view.layers[unit] = version
         elif what == "head":
-            self._view.head = version
+            state.view.head = version
+
+    def _uniform(self, version: int) -> Any:
+        from ._ref_model import ServingView
+
+        if version not in self._weights:
+            raise BadInput(f"weight version {version} was never loaded; loaded: {self.versions}",
+                           field="version")
+        return ServingView.uniform(int(version), self.arch.num_layers)
 
     # ---------------------------------------------------------------- generate
 
@@ -230,65 +243,93 @@ class ReferenceEngine:
                                request_id=r.request_id)
             if not 0 < r.top_p <= 1:
                 raise BadInput(f"top_p must be in (0, 1], not {r.top_p}", field="top_p", request_id=r.request_id)
+        for r in requests:
+            if getattr(r, "forced_output_ids", None) is not None:
+                bad = [t for t in r.forced_output_ids if not 0 <= t < self.arch.vocab_size]
+                if not r.forced_output_ids or bad:
+                    raise BadInput("forced_output_ids must be non-empty token ids inside the vocabulary",
+                                   field="forced_output_ids", request_id=r.request_id)
+            if kind == "generate" and r.max_tokens < 1:
+                raise BadInput(f"max_tokens must be >= 1, not {r.max_tokens}", field="max_tokens",
+                               request_id=r.request_id)
 
     def generate(self, requests: Sequence[GenRequest], updates: Sequence[WeightUpdate] = ()) -> list[GenResult]:
         """Generate every request as one batch, applying ``updates`` at their decode steps."""
+        return self.generate_groups([GenGroup(list(requests), list(updates))])[0]
+
+    def generate_groups(self, groups: Sequence[GenGroup]) -> list[list[GenResult]]:
+        """Generate several groups (recorded steps) as one batch, each with its own serving
+        version and update schedule, decode steps counted from the call's start.
+
+        Decode rows of groups whose units serve the same versions share one forward; every
+        row's bits are those of a separate ``generate()`` (rows are batch-independent). The
+        engine ends serving what the last group ends with. Groups share no prefix-cache
+        history, so several groups under prefix caching are refused.
+        """
         import torch
 
         from ._ref_model import Chunk, RequestKV, forward, project
         from ._ref_sampling import request_generator
 
-        self._check_requests(requests, "generate")
-        for r in requests:
-            if r.forced_output_ids is not None:
-                bad = [t for t in r.forced_output_ids if not 0 <= t < self.arch.vocab_size]
-                if not r.forced_output_ids or bad:
-                    raise BadInput("forced_output_ids must be non-empty token ids inside the vocabulary",
-                                   field="forced_output_ids", request_id=r.request_id)
-            if r.max_tokens < 1:
-                raise BadInput(f"max_tokens must be >= 1, not {r.max_tokens}", field="max_tokens",
-                               request_id=r.request_id)
-        actions = self._schedule(updates)
-        runs = [_Running(r, RequestKV.empty(self.arch, len(r.prompt_ids) + r.max_tokens, self._dtype,
-                                            self.device),
-                         request_generator(r.seed, self.seed, r.request_id)) for r in requests]
+        if len(groups) > 1 and self.config.enable_prefix_caching:
+            raise BadInput("several groups in one call under prefix caching: a group's prefix hits depend "
+                           "on the groups before it; generate them one call at a time", field="groups")
+        states = []
+        for g in groups:
+            self._check_requests(g.requests, "generate")
+            view = self._uniform(g.serving) if g.serving is not None else self._view.copy()
+            version = int(g.serving) if g.serving is not None else self.version
+            runs = [_Running(r, RequestKV.empty(self.arch, len(r.prompt_ids) + r.max_tokens, self._dtype,
+                                                self.device),
+                             request_generator(r.seed, self.seed, r.request_id)) for r in g.requests]
+            states.append(_Group(view, version, self._schedule(g.updates), runs))
         step = 0
         with torch.no_grad(), self._threads():
-            while any(run.finish is None for run in runs):
-                while actions and actions[0][0] <= step:
-                    self._apply(actions.pop(0))
-                active = [run for run in runs if run.finish is None]
-                if step == 0:
-                    hidden = []
-                    for run in active:  # one prefill at a time: a later request hits blocks of an earlier one
-                        prompt = list(run.req.prompt_ids)
-                        hit = self.cache.lookup(prompt, run.kv) if self.config.enable_prefix_caching else 0
-                        run.cached = hit
-                        chunk = Chunk(prompt[hit:], hit, run.kv, [len(prompt) - hit - 1])
-                        hidden.append(forward([chunk], self._weights, self._view, self.arch, self._dtype,
-                                              self.device))
-                        if self.config.enable_prefix_caching:
-                            self.cache.store(prompt, run.kv)
-                    h = torch.cat(hidden, 0)
-                else:
-                    chunks = [Chunk([run.out[-1]], run.kv.length, run.kv, [0]) for run in active]
-                    h = forward(chunks, self._weights, self._view, self.arch, self._dtype, self.device)
-                logits = project(h, self._weights[self._view.head].lm_head).cpu()
-                for run, row in zip(active, logits):
-                    self._emit(run, row)
+            while any(run.finish is None for st in states for run in st.runs):
+                batches: dict[tuple, list[tuple[_Running, _Group]]] = {}
+                for st in states:
+                    while st.actions and st.actions[0][0] <= step:
+                        self._apply(st.actions.pop(0), st)
+                    for run in st.runs:
+                        if run.finish is None:
+                            batches.setdefault(st.view.key(), []).append((run, st))
+                for active in batches.values():
+                    view = active[0][1].view
+                    if step == 0:
+                        hidden = []
+                        for run, _ in active:  # one prefill at a time: a later request hits blocks of an earlier one
+                            prompt = list(run.req.prompt_ids)
+                            hit = self.cache.lookup(prompt, run.kv) if self.config.enable_prefix_caching else 0
+                            run.cached = hit
+                            chunk = Chunk(prompt[hit:], hit, run.kv, [len(prompt) - hit - 1])
+                            hidden.append(forward([chunk], self._weights, view, self.arch, self._dtype,
+                                                  self.device))
+                            if self.config.enable_prefix_caching:
+                                self.cache.store(prompt, run.kv)
+                        h = torch.cat(hidden, 0)
+                    else:
+                        chunks = [Chunk([run.out[-1]], run.kv.length, run.kv, [0]) for run, _ in active]
+                        h = forward(chunks, self._weights, view, self.arch, self._dtype, self.device)
+                    logits = project(h, self._weights[view.head].lm_head).cpu()
+                    for (run, st), row in zip(active, logits):
+                        self._emit(run, row, st.version)
                 step += 1
-        for action in actions:  # finish an update the call outlived
-            self._apply(action)
+        for st in states:
+            for action in st.actions:  # finish an update the call outlived
+                self._apply(action, st)
+        if states:
+            self._view, self.version = states[-1].view, states[-1].version
         if self.config.enable_prefix_caching:
-            for run in runs:
+            for run in (run for st in states for run in st.runs):
                 self.cache.store(list(run.req.prompt_ids) + run.out, run.kv)
-        return [GenResult(request_id=run.req.request_id, output_ids=run.out, logprobs=run.lps,
-                          token_versions=run.versions, finish_reason=run.finish or "length",
-                          num_cached_tokens=run.cached,
-                          topk_ids=run.topk_ids if run.req.num_topk > 0 else None,
-                          topk_logprobs=run.topk_lps if run.req.num_topk > 0 else None) for run in runs]
+        return [[GenResult(request_id=run.req.request_id, output_ids=run.out, logprobs=run.lps,
+                           token_versions=run.versions, finish_reason=run.finish or "length",
+                           num_cached_tokens=run.cached,
+                           topk_ids=run.topk_ids if run.req.num_topk > 0 else None,
+                           topk_logprobs=run.topk_lps if run.req.num_topk > 0 else None) for run in st.runs]
+                for st in states]
 
-    def _emit(self, run: _Running, row: Any) -> None:
+    def _emit(self, run: _Running, row: Any, version: int) -> None:
         """Sample one token for ``run`` from its logits ``row`` and record it."""
         from ._ref_sampling import logprobs_of, process_logits, sample, top_logprobs
 
@@ -301,7 +342,7 @@ class ReferenceEngine:
         lp = logprobs_of(row, processed, self.config.logprobs_mode)
         run.out.append(token)
         run.lps.append(float(lp[token]))
-        run.versions.append(int(self.version))
+        run.versions.append(int(version))
         if r.num_topk > 0:
             ids, vals = top_logprobs(lp, r.num_topk)
             run.topk_ids.append(ids)

@@ -43,3 +43,24 @@ def test_demo_on_real_vllm_records_like_the_reference(tmp_path):
     fid = json.loads(rerun.stdout)["fidelity"]
     # stated tolerance: vLLM CPU kernels are deterministic for a fixed batch; allow fp32 rounding
     assert fid["max_abs_diff"] <= 1e-5, fid
+    # a range under a config without prefix caching goes through the batched path (on vLLM:
+    # one generate() per distinct schedule); the same figures as one step per call
+    script = f"""
+import json, sys
+from replay.fixes import resolve
+from replay.replayer import Replayer
+with Replayer({str(out / 'v1')!r}, engine="vllm") as rp:
+    cfg = resolve("v1", ["v0_runtime_defaults"])
+    one = rp.replay_range([0, 1], cfg, batch=1, write=False)
+    calls = rp.engine_calls
+    many = rp.replay_range([0, 1], cfg, write=False)
+    print(json.dumps({{"calls": [calls, rp.engine_calls - calls],
+                      "diff": max(float(abs(a["replayed"] - b["replayed"]).max())
+                                  for x, y in zip(one, many) for a, b in zip(x.rows, y.rows)),
+                      "steps": [r.step for r in many], "n": [len(r.rows) for r in many]}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["calls"] == [2, 1] and res["steps"] == [0, 1] and min(res["n"]) > 0
+    assert res["diff"] <= 1e-5, res

@@ -11,7 +11,7 @@ import pytest
 
 from replay import open_recording
 from replay.bisect import bisect_fixes, bisect_layers, bisect_steps, bisect_steps_replay, bisect_tokens, ddmin
-from replay.errors import RecordingError
+from replay.errors import BadInput, RecordingError
 from replay.fixes import FIX_IDS
 from replay.replayer import Replayer
 
@@ -176,3 +176,48 @@ def test_a_range_in_two_worker_processes_equals_one_engine_in_order(runs, tmp_pa
     with open_recording(path) as rec:
         n = rec.sql("SELECT count(DISTINCT step) FROM replays").fetchall()[0][0]
     assert n == len(steps)
+
+
+@pytest.mark.parametrize("mode", ["score", "regenerate"])
+def test_steps_batched_into_one_call_equal_step_by_step(runs, mode):
+    """Without prefix caching (the v0 run) consecutive steps, each with its own serving version
+    and in-flight update, share engine calls; every replayed bit equals a replay step by step,
+    and the recorded run replays exactly."""
+    with Replayer(runs / "v0") as rp:
+        steps = rp.steps()
+        one = rp.replay_range(steps, mode=mode, batch=1, write=False)
+        calls_one = rp.engine_calls
+        seen = []
+        many = rp.replay_range(steps, mode=mode, batch=10_000, write=False, progress=seen.append)
+        calls_many = rp.engine_calls - calls_one
+    assert calls_one == len(steps) and calls_many == 1
+    assert seen == [f"steps {steps[0]}-{steps[-1]} replayed ({len(steps)}/{len(steps)})"]
+    assert [r.step for r in many] == steps
+    for a, b in zip(one, many):
+        assert [r["request_id"] for r in a.rows] == [r["request_id"] for r in b.rows]
+        for ra, rb in zip(a.rows, b.rows):
+            assert np.array_equal(ra["replayed"], rb["replayed"]) and ra["output_ids"] == rb["output_ids"]
+            assert ra["versions"] == rb["versions"]
+        fid = b.summary()["fidelity"]
+        assert fid["exact"] if mode == "score" else fid["first_diff"] is None
+
+
+def test_batches_hold_whole_steps_up_to_the_request_limit(runs):
+    """A v1 recording replayed under v0 semantics: batches of at most ``batch`` requests, never
+    splitting a step; under the recorded v1 config (prefix caching) one step per call."""
+    from replay.fixes import resolve
+
+    with Replayer(runs / "v1") as rp:
+        steps = rp.steps()
+        per_step = rp.rec.sql("SELECT count(*) FROM rollouts WHERE step = ?", [steps[0]]).fetchall()[0][0]
+        v0 = resolve("v0")
+        two = rp.replay_range(steps, v0, batch=2 * per_step, write=False)
+        assert rp.engine_calls == -(-len(steps) // 2)
+        one = rp.replay_range(steps, v0, batch=1, write=False)
+        for a, b in zip(one, two):
+            assert all(np.array_equal(x["replayed"], y["replayed"]) for x, y in zip(a.rows, b.rows))
+        before = rp.engine_calls
+        rp.replay_range(steps, write=False)
+        assert rp.engine_calls - before == len(steps)
+        with pytest.raises(BadInput, match="batch"):
+            rp.replay_range(steps, batch=0)

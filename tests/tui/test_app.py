@@ -400,7 +400,7 @@ async def test_real_replay_from_the_panel_lands_beside_the_recorded_values(demo_
         assert not isinstance(app.screen, ErrorScreen), (app.screen.err_title, app.screen.err_msg)
         ablation = panel.query_one("#ablation", DataTable)
         labels = [str(ablation.get_row_at(i)[0]) for i in range(ablation.row_count)]
-        assert labels[0] == "none" and len(labels) == 1 + 3 * 4
-        assert labels[1] == "only proc" and labels[-1] == "cum to fp32"
+        assert labels[0] == "none" and len(labels) == 1 + 3 * 4 + 1
+        assert labels[1] == "only proc" and labels[-2] == "cum to fp32" and labels[-1] == "minimal"
         assert [str(c.label) for c in ablation.ordered_columns][:3] == ["label", "parity", "mean_abs_log_ratio"]
         assert "minimal fix set" in str(panel.query_one("#replay-status", Static).render())

@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from replay.engines.base import Engine, GenRequest, ScoreRequest, WeightUpdate  # noqa: E402
+from replay.engines.base import Engine, GenGroup, GenRequest, ScoreRequest, WeightUpdate, generate_groups  # noqa: E402
 from replay.engines.reference import ReferenceEngine  # noqa: E402
 from replay.errors import BadInput  # noqa: E402
 from replay.fixes import EngineConfig, resolve  # noqa: E402
@@ -346,3 +346,83 @@ def test_loaded_versions_do_not_alias_the_callers_tensors(model_path):
     for t in sd.values():
         t.mul_(0.5)
     assert engine.generate(reqs) == first
+
+
+# ------------------------------------------------------------- grouped batches
+
+
+GROUP_CONFIGS = [CLEAN_RAW, dataclasses.replace(CLEAN_RAW, weight_update="paused"),
+                 dataclasses.replace(CLEAN, async_scheduling=True)]
+
+
+@pytest.mark.parametrize("config", GROUP_CONFIGS, ids=["concurrent", "paused", "processed-async"])
+def test_groups_in_one_call_give_the_bits_of_separate_calls(model_path, config):
+    """Three recorded-step-like groups, each with its own serving version and update schedule
+    (one torn mid-call), run in one batch: every token, logprob and reported version equals
+    that of a separate generate() per group, forced and sampled."""
+    v2, v3 = perturbed(model_path, seed=1), perturbed(model_path, seed=2)
+
+    def engine():
+        e = ReferenceEngine(model_path, config, ignore_eos=True, initial_version=1)
+        e.load_weights(2, v2, activate=False)
+        e.load_weights(3, v3, activate=False)
+        return e
+
+    forced = requests(n=2, max_tokens=8)
+    forced = [dataclasses.replace(r, request_id=f"f{i}", forced_output_ids=[5 + i] * 8) for i, r in enumerate(forced)]
+    groups = [GenGroup(requests(n=3, max_tokens=10), [WeightUpdate(2, 3)], serving=1),
+              GenGroup(requests(n=2, max_tokens=6) + forced, [WeightUpdate(3, 2)], serving=2),
+              GenGroup(requests(n=3, max_tokens=9), [], serving=2)]
+    batched_engine = engine()
+    batched = batched_engine.generate_groups(groups)
+    assert batched_engine.version == 2
+    separate = []
+    for g in groups:
+        e = engine()
+        e.activate(g.serving)
+        separate.append(e.generate(g.requests, g.updates))
+    assert batched == separate
+    assert batched[0][0].token_versions == [1] * 3 + [2] * 7
+    assert batched[1][0].token_versions == [2] * 2 + [3] * 4
+    assert batched[1][2].output_ids == [5] * 8
+
+
+def test_groups_under_prefix_caching_are_refused(model_path):
+    engine = ReferenceEngine(model_path, PROCESSED)
+    with pytest.raises(BadInput, match="prefix caching") as err:
+        engine.generate_groups([GenGroup(requests(n=1)), GenGroup(requests(n=1))])
+    assert err.value.field == "groups"
+    assert len(engine.generate_groups([GenGroup(requests(n=2))])[0]) == 2
+
+
+class _PlainEngine(ReferenceEngine):
+    """The reference engine seen through generate() only, as an engine without batched groups is."""
+
+    generate_groups = None
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.calls = []
+
+    def generate(self, requests, updates=()):
+        self.calls.append((self.version, [u.version for u in updates], [r.request_id for r in requests]))
+        return ReferenceEngine.generate_groups(self, [GenGroup(list(requests), list(updates))])[0]
+
+
+def test_engines_without_groups_share_a_call_per_schedule(model_path):
+    """generate_groups() on an engine with only generate(): groups that start on the same version
+    with the same updates share one call (unless their request ids collide), results per group."""
+    plain = _PlainEngine(model_path, CLEAN, ignore_eos=True, initial_version=1)
+    plain.load_weights(2, perturbed(model_path), activate=False)
+    a = [dataclasses.replace(r, request_id=f"a{i}") for i, r in enumerate(requests(n=2, max_tokens=6))]
+    b = [dataclasses.replace(r, request_id=f"b{i}") for i, r in enumerate(requests(n=2, max_tokens=6))]
+    groups = [GenGroup(a, [WeightUpdate(2, 3)], 1), GenGroup(b, [], 2), GenGroup(b, [WeightUpdate(2, 3)], 1),
+              GenGroup(a, [WeightUpdate(2, 3)], 1)]
+    out = generate_groups(plain, groups)
+    assert [c[0] for c in plain.calls] == [1, 2, 1]
+    assert plain.calls[0][2] == ["a0", "a1", "b0", "b1"]           # groups 0 and 2 shared a call
+    assert plain.calls[2][2] == ["a0", "a1"]                       # group 3 collides with group 0's ids
+    native = ReferenceEngine(model_path, CLEAN, ignore_eos=True, initial_version=1)
+    native.load_weights(2, perturbed(model_path), activate=False)
+    assert out == generate_groups(native, groups)
+    assert [len(g) for g in out] == [2, 2, 2, 2]
