@@ -190,8 +190,11 @@ def doctor_output(report: dict, fmt: str) -> str:
         return to_json(report)
     if fmt == "csv":
         return to_csv(cols, probs).rstrip("\n")
-    head = mapping(report, skip=("problems",))
+    head = mapping(report, skip=("problems", "notes"))
+    notes = [f"  [{'removed' if n.get('repaired') else 'note'}] {n.get('path')}: {n.get('reason')}"
+             for n in report.get("notes", [])]
+    tail = ["", "notes:"] + notes if notes else []
     if not probs:
-        return head + "\n\nno problems found"
+        return "\n".join([head, "", "no problems found"] + tail)
     lines = [f"  [{'repaired' if r else 'PROBLEM'}] {p}: {why}" for p, why, r in probs]
-    return "\n".join([head, "", "problems:"] + lines)
+    return "\n".join([head, "", "problems:"] + lines + tail)

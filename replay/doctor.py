@@ -2,13 +2,16 @@
 
 Checks every closed segment (opens, row count and sha256 match the manifest), every
 open segment (complete batches, torn tail), every weight blob (sha256 through the
-whole delta chain), and the state of each rank's writer. With ``repair=True`` it
-salvages ranks whose writer died, and sets aside closed segments that cannot be read
+whole delta chain), the state of each rank's writer, and temporary files an
+interrupted write left behind (``*.tmp``: never read). With ``repair=True`` it
+salvages ranks whose writer died, sets aside closed segments that cannot be read
 (renamed ``*.arrow.corrupt``, so the recording opens again), rebuilding them from
-their stream when one is left.
+their stream when one is left, and removes the temporary files once no writer of the
+recording is alive.
 
 The report is a JSON-ready dict: ``problems`` (each with ``path``, ``reason`` and
-``repaired``) and ``counts``; ``ok`` is True when no problem is left unrepaired.
+``repaired``), ``notes`` (the same shape, for what does not touch the data, such as
+temporary files) and ``counts``; ``ok`` is True when no problem is left unrepaired.
 """
 from __future__ import annotations
 
@@ -51,8 +54,10 @@ class _Report:
 
     def __init__(self) -> None:
         self.problems: list[dict] = []
+        self.notes: list[dict] = []             # harmless findings: ``ok`` does not depend on them
         self.counts = {"closed_segments": 0, "open_segments": 0, "rows": 0, "open_rows": 0,
-                       "skipped_bytes": 0, "weight_blobs": 0, "salvaged_ranks": 0, "set_aside": 0}
+                       "skipped_bytes": 0, "weight_blobs": 0, "salvaged_ranks": 0, "set_aside": 0,
+                       "tmp_files": 0}
 
     def add(self, path: str, reason: str, repaired: bool = False) -> None:
         self.problems.append({"path": path, "reason": reason, "repaired": repaired})
@@ -90,9 +95,10 @@ def doctor(path: str | os.PathLike, *, repair: bool = True) -> dict:
     _check_listed(root, listed, rep)
     _check_weights(root, rep.problems, rep.counts)
     man = read_manifest(root)
+    _check_tmp(root, man, repair, rep)
     return {"path": str(root), "status": overall_status(man), "repair": repair,
             "ok": all(p["repaired"] for p in rep.problems),
-            "problems": rep.problems, "counts": rep.counts}
+            "problems": rep.problems, "notes": rep.notes, "counts": rep.counts}
 
 
 def _salvage_dead(root: Path, dead: list[int], repair: bool, rep: _Report) -> bool:
@@ -188,6 +194,28 @@ def _check_listed(root: Path, listed: dict[str, dict], rep: _Report) -> None:
             rep.add(rel, "the manifest lists a segment outside the recording: refused, never read")
         elif not (root / rel).exists() and not (root / (rel + ".corrupt")).exists():
             rep.add(rel, "listed in the manifest but missing from the recording: its rows are lost")
+
+
+def _check_tmp(root: Path, man: dict, repair: bool, rep: _Report) -> None:
+    """Temporary files of writes that never finished (atomic replace not reached)."""
+    tmp = sorted(p for p in root.rglob("*.tmp") if p.is_file())
+    if not tmp:
+        return
+    rep.counts["tmp_files"] = len(tmp)
+    if any(writer_alive(root, r) for r in rank_entries(man)):
+        return  # a live writer may be in the middle of one of these writes
+    for p in tmp:
+        rel = _rel(root, p)
+        what = f"temporary file of an interrupted write ({p.stat().st_size} bytes, never read)"
+        if not repair:
+            rep.notes.append({"path": rel, "reason": what, "repaired": False})
+            continue
+        try:
+            p.unlink()
+            rep.notes.append({"path": rel, "reason": what + ": removed", "repaired": True})
+        except OSError as err:
+            rep.notes.append({"path": rel, "reason": f"{what} (cannot remove it: {one_line(err)})",
+                              "repaired": False})
 
 
 def _check_weights(root: Path, problems: list[dict], counts: dict) -> None:

@@ -269,3 +269,34 @@ def test_doctor_salvages_a_killed_writer(tmp_path):
     assert "salvaged 18 rows in 6 batches" in report["problems"][0]["reason"]  # 2 x (4 + 4 + 1 event)
     assert not list(root.glob("**/*.arrows"))
     assert doctor(root, repair=False)["problems"] == []
+
+
+def test_doctor_removes_temporary_files_of_interrupted_writes(tmp_path, capsys):
+    """``*.tmp`` files (an atomic replace never reached) are reported, kept while a writer is
+    alive, and removed by repair once none is; the recording's rows are untouched."""
+    from replay import Recorder
+    from replay.cli import main as cli_main
+
+    root = tmp_path / "run"
+    with Recorder(root, rank=0) as rec:
+        rec.event("run_start", step=0)
+    leftovers = [root / "manifest.json.4242.tmp", root / "events" / "rank-0000" / ".seg-000001.arrow.tmp"]
+    for p in leftovers:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"partial")
+    with Recorder(root, rank=1, mode="append"):
+        live = doctor(root)
+        assert live["ok"] and live["notes"] == [] and live["counts"]["tmp_files"] == 2
+        assert all(p.exists() for p in leftovers)
+    report = doctor(root, repair=False)
+    assert report["ok"] and report["problems"] == [] and sorted(n["path"] for n in report["notes"]) == sorted(
+        p.relative_to(root).as_posix() for p in leftovers)
+    assert "interrupted write (7 bytes" in report["notes"][0]["reason"] and all(p.exists() for p in leftovers)
+    assert cli_main(["doctor", str(root), "--no-repair"]) == 0
+    assert "no problems found" in capsys.readouterr().out
+    report = doctor(root)
+    assert report["ok"] and all(n["repaired"] for n in report["notes"]) and len(report["notes"]) == 2
+    assert not any(p.exists() for p in leftovers)
+    assert doctor(root, repair=False)["notes"] == []
+    with open_recording(root) as rec:
+        assert rec.sql("SELECT count(*) FROM events").fetchall()[0][0] == 1
