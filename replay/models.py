@@ -91,6 +91,24 @@ SIZES: dict[str, ModelShape] = {
 # ---------------------------------------------------------------------------- build
 
 
+def recorded_model(recording: str | Path, run_config: dict | None) -> tuple[str | None, Path | None]:
+    """The model folder a recording's run config names (``run_config["model"]``, a path or
+    ``{"path": ...}``), and where it is now: as written (absolute, or relative to the
+    working directory), else relative to the recording folder or one of its parents (a
+    relative path recorded from a project root still resolves from another working
+    directory). ``(named, None)`` when no folder with a ``config.json`` is found there."""
+    model = (run_config or {}).get("model")
+    named = model.get("path") if isinstance(model, dict) else model
+    if not isinstance(named, str) or not named:
+        return None, None
+    candidates = [Path(named)]
+    if not Path(named).is_absolute():
+        root = Path(recording).resolve()
+        candidates += [base / named for base in (root, *root.parents)]
+    found = next((c for c in candidates if (c / "config.json").is_file()), None)
+    return named, found
+
+
 def build_model(out_dir: str | Path, size: str = "tiny", seed: int = 0,
                 vocab: Sequence[str] | None = None) -> Path:
     """Write a random-weight Qwen2 checkpoint in HF format to ``out_dir`` and return its path.

@@ -215,23 +215,28 @@ class Replayer:
         self.device = device
         self.python = python
         self.rec = open_recording(self.path)
-        self.model_path = Path(model_path) if model_path else self._model_path()
+        try:
+            self.model_path = Path(model_path) if model_path else self._model_path()
+        except BaseException:
+            self.rec.close()
+            raise
         self._engines: dict[str, Any] = {}
         self._position: dict[str, int] = {}     # config id -> last step whose generation the engine has seen
         self._weights: dict[int, dict] = {}
         self.engine_calls = 0                   # generate() / generate_groups() calls made, all configs
 
     def _model_path(self) -> Path:
-        cfg = self.rec.info().get("run_config") or {}
-        model = cfg.get("model")
-        path = model.get("path") if isinstance(model, dict) else model
-        if not path:
+        from .models import recorded_model
+
+        named, found = recorded_model(self.path, self.rec.info().get("run_config"))
+        if named is None:
             raise RecordingError(f"{self.path}: the run config names no model (run_config['model']); "
                                  "pass model_path= (--model PATH) to replay it", "cannot replay")
-        if not (Path(path) / "config.json").is_file():
-            raise RecordingError(f"{self.path}: the model folder {path} recorded in the run config is gone; "
+        if found is None:
+            raise RecordingError(f"{self.path}: the model folder {named} recorded in the run config is not "
+                                 "there (looked from the working directory and from the recording's folders); "
                                  "pass model_path= (--model PATH)", "cannot replay")
-        return Path(path)
+        return found
 
     def recorded_config(self) -> EngineConfig:
         cfg = (self.rec.info().get("run_config") or {}).get("engine", {}).get("config")

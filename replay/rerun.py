@@ -47,6 +47,17 @@ def parse_steps(text: str) -> list[int]:
     return out
 
 
+def _score_fidelity(f: dict) -> str:
+    """Replayed vs recorded logprobs in a few words (tokens outside the replayed config's
+    sampling support have logprob -inf there and are counted, not averaged)."""
+    if f.get("exact"):
+        return "exact"
+    if f.get("outside_support"):
+        return (f"mean |Δ| {f.get('mean_abs_diff', float('nan')):.2e}, "
+                f"{f['outside_support']}/{f.get('n_tokens')} outside support")
+    return f"max |Δ| {f.get('max_abs_diff', float('nan')):.2e}"
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "rerun", help="re-execute recorded steps under another engine config",
@@ -91,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for s in out:
         f = s.get("fidelity", {})
-        fid = (("exact" if f.get("exact") else f"max |Δ| {f.get('max_abs_diff', float('nan')):.2e}")
-               if "exact" in f else f"{f.get('identical_sequences')} identical, first diff {f.get('first_diff')}")
+        fid = (_score_fidelity(f) if "exact" in f
+               else f"{f.get('identical_sequences')} identical, first diff {f.get('first_diff')}")
         rec, rep = s.get("recorded", {}), s.get("replayed", {})
         rows.append([s["step"], s["config_id"], s["mode"], fid, rec.get("mean_abs_log_ratio"),
                      rep.get("mean_abs_log_ratio"), rec.get("clip_rate"), rep.get("clip_rate"),

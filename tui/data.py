@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 
 from replay.errors import RecordingError, ReplayError
 from replay.manifest import overall_status, read_manifest
+from replay.models import recorded_model
 from replay.recording import open_recording
 
 from . import engine_adapter
@@ -270,9 +271,8 @@ class Workspace:
         """
         if self._tokenizer is None:
             self._tokenizer = False
-            model = (read_manifest(self.run_path).get("run_config") or {}).get("model")
-            folder = model.get("path") if isinstance(model, dict) else model
-            if isinstance(folder, str) and (Path(folder) / "tokenizer.json").is_file():
+            _, folder = recorded_model(self.run_path, read_manifest(self.run_path).get("run_config"))
+            if folder is not None and (folder / "tokenizer.json").is_file():
                 try:
                     from tokenizers import Tokenizer
                     self._tokenizer = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))

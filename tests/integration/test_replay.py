@@ -221,3 +221,27 @@ def test_batches_hold_whole_steps_up_to_the_request_limit(runs):
         assert rp.engine_calls - before == len(steps)
         with pytest.raises(BadInput, match="batch"):
             rp.replay_range(steps, batch=0)
+
+
+def test_a_relative_model_path_resolves_from_the_recordings_folders(runs, tmp_path, monkeypatch):
+    """A run config naming its model relative to the project root (as ``replay demo`` run from
+    the root does) still replays from another working directory; a model that is nowhere
+    gives an error naming the folder and the way out."""
+    import shutil
+
+    from replay.manifest import update_manifest
+    from replay.models import recorded_model
+
+    project = tmp_path / "project"
+    shutil.copytree(runs / "v1", project / "recordings" / "v1")
+    shutil.copytree(_model_dir(runs), project / "models" / "tiny")
+    rec = project / "recordings" / "v1"
+    update_manifest(rec, lambda man: man["run_config"].__setitem__("model", "models/tiny"))
+    monkeypatch.chdir(tmp_path)
+    assert recorded_model(rec, {"model": "models/tiny"}) == ("models/tiny", project / "models" / "tiny")
+    with Replayer(rec) as rp:
+        assert rp.model_path == project / "models" / "tiny"
+        assert rp.replay(1, write=False).summary()["fidelity"]["exact"]
+    shutil.rmtree(project / "models")
+    with pytest.raises(RecordingError, match="models/tiny recorded in the run config is not there"):
+        Replayer(rec)
