@@ -1,0 +1,120 @@
+"""A recorded step as the replayer needs it: its requests, weight versions and updates.
+
+:func:`plan_step` reads one step's events (``step_start``, ``request_submitted``,
+``weights_update_start`` with its decode-step position and mode, ``step_end``) and its
+rollouts, with the trainer's logprobs of the same tokens, from an open recording.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import BadInput, RecordingError
+
+
+@dataclass
+class RecordedRequest:
+    """One recorded rollout, as the replayer needs it."""
+
+    request_id: str
+    group_id: str | None
+    prompt_ids: list[int]
+    output_ids: list[int]
+    logprobs: np.ndarray                  # recorded rollout logprobs
+    token_versions: list[int]             # recorded weight version per token
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    num_cached_tokens: int | None
+    trainer_logprobs: np.ndarray | None   # the trainer's logprobs of the same tokens, if recorded
+
+
+@dataclass
+class StepPlan:
+    """What the engine went through at one step, read from the recording."""
+
+    step: int
+    serving: int                          # version serving when the step started
+    requests: list[RecordedRequest]       # in submission order
+    updates: list[Any]                    # WeightUpdate, in order
+    modes: list[str]                      # recorded mode of each update
+    versions: list[int]                   # every version the step used
+    complete: bool                        # the step ended in the recording (step_end seen)
+    missing: list[str] = field(default_factory=list)  # submitted but never recorded
+
+
+def _steps_with_rollouts(rec) -> list[int]:
+    return [s for (s,) in rec.sql("SELECT DISTINCT step FROM rollouts ORDER BY step").fetchall()]
+
+
+def plan_step(rec, step: int) -> StepPlan:
+    """Read step ``step``'s events and rollouts from an open recording."""
+    from .engines.base import WeightUpdate
+
+    events = rec.sql(
+        "SELECT kind, weight_version, request_id, detail FROM events WHERE step = ? ORDER BY rank, seq",
+        [step]).fetchall()
+    rows = rec.sql("""
+        SELECT r.request_id, r.group_id, r.prompt_ids, r.output_ids, r.logprobs, r.token_versions,
+               r.temperature, r.top_p, r.top_k, r.seed, r.num_cached_tokens, t.logprobs
+        FROM rollouts r
+        LEFT JOIN (SELECT request_id, arg_max(logprobs, time_ns) AS logprobs FROM trainer
+                   WHERE step = ? GROUP BY request_id) t USING (request_id)
+        WHERE r.step = ?""", [step, step]).fetchall()
+    if not rows and not events:
+        known = _steps_with_rollouts(rec)
+        raise BadInput(f"step {step} is not in the recording (steps with rollouts: "
+                       f"{_ranges(known) or 'none'})", field="step", step=step)
+    by_id = {}
+    for rid, gid, p, o, lp, tv, temp, top_p, top_k, seed, cached, tlp in rows:
+        by_id[rid] = RecordedRequest(
+            request_id=rid, group_id=gid, prompt_ids=list(p), output_ids=list(o),
+            logprobs=np.asarray(lp, np.float32), token_versions=list(tv) if tv is not None else [],
+            temperature=float(temp if temp is not None else 1.0), top_p=float(top_p if top_p is not None else 1.0),
+            top_k=int(top_k if top_k is not None else -1), seed=seed, num_cached_tokens=cached,
+            trainer_logprobs=None if tlp is None else np.asarray(tlp, np.float32))
+    serving, order, updates, modes, complete = None, [], [], [], False
+    for kind, version, rid, detail in events:
+        d = json.loads(detail) if detail else {}
+        if kind == "step_start":
+            serving = version
+        elif kind == "request_submitted" and rid is not None:
+            order.append(rid)
+            if serving is None:
+                serving = version
+        elif kind == "weights_update_start":
+            if "after_step" not in d:
+                raise RecordingError(f"weights_update_start at step {step} has no after_step in its detail; "
+                                     "the replayer needs the update's decode-step position", "cannot replay")
+            updates.append(WeightUpdate(version=int(version), after_step=int(d["after_step"])))
+            modes.append(d.get("mode", "?"))
+        elif kind == "step_end":
+            complete = True
+    missing = [rid for rid in order if rid not in by_id]
+    requests = [by_id[rid] for rid in order if rid in by_id]
+    requests += [r for rid, r in by_id.items() if rid not in set(order)]  # rollouts without events
+    if serving is None:
+        vs = [v for r in requests for v in r.token_versions[:1]]
+        serving = min(vs) if vs else 0
+    versions = sorted({serving, *(u.version for u in updates), *(v for r in requests for v in r.token_versions)})
+    return StepPlan(step=step, serving=int(serving), requests=requests, updates=updates, modes=modes,
+                    versions=versions, complete=complete and not missing, missing=missing)
+
+
+def _ranges(steps: Sequence[int]) -> str:
+    out, start, prev = [], None, None
+    for s in steps:
+        if start is None:
+            start = prev = s
+        elif s == prev + 1:
+            prev = s
+        else:
+            out.append(f"{start}-{prev}" if start != prev else f"{start}")
+            start = prev = s
+    if start is not None:
+        out.append(f"{start}-{prev}" if start != prev else f"{start}")
+    return ", ".join(out)
