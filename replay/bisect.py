@@ -260,15 +260,17 @@ def bisect_tokens(path: str | Path, step: int, *, tol: float = 0.5, request_id: 
 
 def bisect_layers(path: str | Path, step: int, request_id: str, pos: int, *, preset: str | None = None,
                   fixes: tuple[str, ...] = ("fp32_lm_head",), against: str = "config", tol: float = 1e-6,
-                  device: str = "cpu") -> dict:
+                  engine: str = "reference", device: str = "cpu", python: str | None = None) -> dict:
     """For one token, the first layer whose hidden state differs beyond ``tol`` between the
     recorded config and another (``preset`` + ``fixes``; or the trainer's HF model with
     ``against="trainer"``). Positions: ``embed``, ``layer.0`` .. ``layer.{L-1}``, ``lm_head``
-    (the logprob of the token itself)."""
+    (the logprob of the token itself). The hidden states come from forward hooks: in the
+    reference engine's forward, or (``engine="vllm"``) inside the running vLLM model, one
+    worker process per config."""
     import dataclasses
 
     from .engines.base import ScoreRequest
-    from .engines.reference import ReferenceEngine
+    from .engines.factory import make_engine
     from .fixes import apply_fix, resolve
     from .replayer import Replayer, plan_step
 
@@ -293,15 +295,17 @@ def bisect_layers(path: str | Path, step: int, request_id: str, pos: int, *, pre
         score = ScoreRequest(request_id=request_id, prompt_ids=req.prompt_ids, output_ids=req.output_ids[:pos + 1],
                              temperature=req.temperature, top_p=req.top_p, top_k=req.top_k)
         sides = []
-        for cfg in (recorded, other):
-            eng = ReferenceEngine(rp.model_path, cfg, device=device)
-            eng.load_weights(version, rp._state(version))
-            states = [s[-1] for s in eng.hidden_states(ids)]
-            lp = eng.score([score])[0].logprobs[pos]
+        for cfg in ((recorded,) if against == "trainer" else (recorded, other)):
+            eng = make_engine(engine, rp.model_path, cfg, device=device, python=python, worker=engine == "vllm")
+            try:
+                eng.load_weights(version, rp._state(version))
+                states = [s[-1] for s in eng.hidden_states(ids)]
+                lp = eng.score([score])[0].logprobs[pos]
+            finally:
+                eng.close()
             sides.append((states, lp))
-            eng.close()
         if against == "trainer":
-            sides[1] = _trainer_side(rp, version, ids, req, pos)
+            sides.append(_trainer_side(rp, version, ids, req, pos))
     (sa, lpa), (sb, lpb) = sides
     names = ["embed"] + [f"layer.{i}" for i in range(len(sa) - 1)]
     diffs = [float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) for a, b in zip(sa, sb)]

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
                                   fixes=tuple(args.fix) or ("fp32_lm_head",),
                                   against="trainer" if args.trainer else "config",
                                   tol=args.tol if args.tol is not None else (1e-4 if args.trainer else 1e-6),
-                                  device=args.device)
+                                  engine=args.engine, device=args.device, python=args.python)
     if args.format == "json":
         print(to_json(res))
     else:

@@ -155,3 +155,35 @@ def rpc_head_dtype(worker: Any) -> str:
     model = worker.model_runner.model
     head = getattr(model.logits_processor, "head_dtype", None)
     return str(head).replace("torch.", "") if head is not None else "model"
+
+
+def rpc_capture_layers(worker: Any, on: bool) -> list[Any] | None:
+    """Install (``on``) or remove forward hooks on the running model that keep the residual
+    stream after the embeddings and after each decoder layer; removing returns the kept
+    states as float32 numpy arrays ``[tokens, hidden]``, one per point, the forwards in
+    between concatenated. A vLLM decoder layer returns ``(hidden_states, residual)`` with
+    the residual add deferred into the next fused add-RMSNorm (which works in place), so
+    each hook adds the two at once and keeps a copy. Needs an eager model (no graph)."""
+    import torch
+
+    model = worker.model_runner.model
+    inner = getattr(model, "model", model)
+    if on:
+        points: list[list[Any]] = [[] for _ in range(1 + len(inner.layers))]
+
+        def keep(i: int, out: Any) -> None:
+            if isinstance(out, tuple):
+                out = out[0] if len(out) < 2 or out[1] is None else out[0] + out[1]
+            points[i].append(out.detach().float().cpu().clone())
+
+        hooks = [inner.embed_tokens.register_forward_hook(lambda m, a, out: keep(0, out))]
+        hooks += [layer.register_forward_hook(lambda m, a, out, j=j: keep(j + 1, out))
+                  for j, layer in enumerate(inner.layers)]
+        worker._replay_capture = (hooks, points)
+        return None
+    hooks, points = getattr(worker, "_replay_capture", ((), []))
+    for h in hooks:
+        h.remove()
+    worker._replay_capture = ((), [])
+    return [torch.cat(p, 0).numpy() if p else None for p in points]
+

@@ -98,6 +98,14 @@ class EngineClient:
         _, _, rows = self._call("score", {}, list(requests), wire.SCHEMAS[ScoreRequest])
         return wire.rows_to(ScoreResult, rows)
 
+    def hidden_states(self, token_ids: Sequence[int]) -> list[Any]:
+        """The child engine's residual stream per layer for ``token_ids`` (float32 numpy arrays)."""
+        from safetensors.torch import load as st_load
+
+        _, meta, rows = self._call("hidden_states", {"token_ids": [int(t) for t in token_ids]})
+        states = st_load(rows[0]["safetensors"])
+        return [states[str(i)].numpy() for i in range(int(meta["n"]))]
+
     def ping(self) -> dict:
         """The worker's info (pid, executable, engine, effective settings)."""
         return self._call("ping")[1]

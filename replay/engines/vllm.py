@@ -330,6 +330,25 @@ class VLLMEngine:
             return ScoreResult(r.request_id, lps)
         return ScoreResult(r.request_id, lps, tk_ids, tk_lps)
 
+    def hidden_states(self, token_ids: Sequence[int]) -> list[Any]:
+        """Residual stream of every position of ``token_ids`` after the embeddings and after
+        each decoder layer (``num_layers + 1`` float32 numpy arrays ``[len, hidden]``) under
+        the version serving now, read by forward hooks inside the running model during one
+        prefill (the prefix cache is reset first, so every position is computed)."""
+        ids = list(token_ids)
+        if not ids:
+            raise BadInput("no tokens to run", field="token_ids")
+        self.reset_prefix_cache()
+        self._rpc(va.rpc_capture_layers, True)
+        try:
+            self.generate([GenRequest("hidden-states", ids, max_tokens=1, temperature=1.0, seed=0)])
+        finally:
+            points = self._rpc(va.rpc_capture_layers, False)[0]
+        if not points or any(p is None or len(p) < len(ids) for p in points):
+            raise EngineError("the vLLM model's layers did not run under the capture hooks "
+                              "(a compiled or graph-captured model cannot be hooked)")
+        return [p[:len(ids)] for p in points]
+
     def reset_prefix_cache(self) -> bool:
         """Drop every prefix-cache entry (what a caller does after a weight update to
         avoid stale KV); returns whether vLLM reset it."""

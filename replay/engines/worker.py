@@ -46,7 +46,8 @@ import pyarrow as pa
 from .base import GenRequest, GenResult, ScoreRequest, ScoreResult, WeightUpdate
 
 PROTOCOL_VERSION = 1
-CALLS = ("ready", "ping", "load_weights", "activate", "reset_prefix_cache", "generate", "score", "close", "error")
+CALLS = ("ready", "ping", "load_weights", "activate", "reset_prefix_cache", "generate", "score", "hidden_states",
+         "close", "error")
 ENGINES = ("reference", "vllm", "vllm-v0")
 _LEN = struct.Struct("<Q")
 
@@ -197,6 +198,13 @@ def handle(engine: Any, kind: str, call: str, meta: dict, rows: list[dict]) -> b
         return encode("generate", {"version": engine.version}, results, SCHEMAS[GenResult])
     if call == "score":
         return encode("score", {}, engine.score(rows_to(ScoreRequest, rows)), SCHEMAS[ScoreResult])
+    if call == "hidden_states":
+        import torch
+        from safetensors.torch import save as st_save
+
+        states = engine.hidden_states([int(t) for t in meta["token_ids"]])
+        blob = st_save({str(i): torch.as_tensor(s).contiguous() for i, s in enumerate(states)})
+        return encode("hidden_states", {"n": len(states)}, [{"safetensors": blob}], WEIGHTS_SCHEMA)
     if call == "close":
         engine.close()
         return encode("close")

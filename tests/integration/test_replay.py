@@ -245,3 +245,28 @@ def test_a_relative_model_path_resolves_from_the_recordings_folders(runs, tmp_pa
     shutil.rmtree(project / "models")
     with pytest.raises(RecordingError, match="models/tiny recorded in the run config is not there"):
         Replayer(rec)
+
+
+@pytest.mark.vllm
+def test_bisect_layers_on_real_vllm_hooks_the_running_model(runs):
+    """The residual stream read by hooks inside vLLM's model equals the reference engine's
+    (float32 body) to rounding, and with fp32_lm_head as the only difference the first
+    differing point is the lm_head, every layer before it identical."""
+    from replay.engines.factory import make_engine
+
+    res = bisect_layers(runs / "v1", 1, "s1-p0-g0", 2, fixes=("fp32_lm_head",), engine="vllm")
+    assert res["layer"] == "lm_head"
+    assert all(r["max_abs_diff"] == 0.0 for r in res["layers"][:-1]) and res["layers"][-1]["max_abs_diff"] > 1e-6
+    with Replayer(runs / "v1") as rp:
+        cfg, model = rp.recorded_config(), rp.model_path
+        ids = rp.rec.sql("SELECT prompt_ids FROM rollouts WHERE request_id = 's1-p0-g0'").fetchall()[0][0]
+    eng = make_engine("vllm", model, cfg, worker=True)
+    try:
+        got = eng.hidden_states(ids)
+    finally:
+        eng.close()
+    want = make_engine("reference", model, cfg).hidden_states(ids)
+    assert len(got) == len(want) == len(res["layers"]) - 1   # + lm_head
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and np.abs(a).max() > 0.1
+        assert np.abs(a - b).max() < 1e-4
