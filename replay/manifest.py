@@ -16,10 +16,10 @@ import socket
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import RecordingError
-from .schema import MANIFEST, MANIFEST_LOCK, SCHEMA_VERSION, rank_lock_path
+from .schema import MANIFEST, MANIFEST_LOCK, RANK_DIR_RE, SCHEMA_VERSION, rank_lock_path
 
 
 def now_iso() -> str:
@@ -74,8 +74,24 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+AUX_RANKS = 10_000  # writer ranks from here on add derived data (replays), not the run itself
+
+
+def _rank_number(key: Any) -> int | None:
+    m = RANK_DIR_RE.match(str(key))
+    text = m.group(1) if m else str(key)
+    return int(text) if text.isdigit() else None
+
+
 def overall_status(man: dict) -> str:
-    statuses = [r.get("status", "recording") for r in man.get("ranks", {}).values()]
+    """The run's status from its ranks' (``complete`` when every rank closed, ``salvaged``
+    when one was salvaged, else ``recording``). Writers of derived data (ranks from
+    :data:`AUX_RANKS` on, e.g. a replayer adding replays) do not change it; they count
+    only in a folder that holds nothing else."""
+    ranks = man.get("ranks", {}) or {}
+    run = [r for k, r in ranks.items() if (n := _rank_number(k)) is None or n < AUX_RANKS]
+    statuses = [r.get("status", "recording") if isinstance(r, dict) else "recording"
+                for r in (run or list(ranks.values()))]
     if not statuses:
         return man.get("status", "recording")
     if "salvaged" in statuses:

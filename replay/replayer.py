@@ -43,11 +43,12 @@ import numpy as np
 from ._steps import RecordedRequest, StepPlan, _ranges, _steps_with_rollouts, plan_step
 from .errors import BadInput, RecordingError, ReplayError
 from .fixes import EngineConfig
+from .manifest import AUX_RANKS
 from .metrics import token_metrics
 
 __all__ = ["REPLAY_RANK", "RecordedRequest", "ReplayResult", "Replayer", "StepPlan", "plan_step"]
 
-REPLAY_RANK = 10_000  # replays are written by their own writer rank, apart from the run's ranks
+REPLAY_RANK = AUX_RANKS  # replays are written by their own writer rank, apart from the run's ranks
 
 
 @dataclass

@@ -300,3 +300,49 @@ def test_doctor_removes_temporary_files_of_interrupted_writes(tmp_path, capsys):
     assert doctor(root, repair=False)["notes"] == []
     with open_recording(root) as rec:
         assert rec.sql("SELECT count(*) FROM events").fetchall()[0][0] == 1
+
+
+REPLAY_CHILD = r"""
+import sys, time
+from replay import Recorder
+from replay.replayer import REPLAY_RANK
+rec = Recorder(sys.argv[1], rank=REPLAY_RANK, mode="append", flush_interval_s=1000)
+for i in range(3):
+    rec.replay(step=0, request_id=f"r0-0-{i}", engine_config="cfg", config="{}", engine="reference",
+               mode="score", replay_id="x", logprobs=[-0.5] * (i + 1), output_ids=[10 + i] * (i + 1))
+rec.flush()
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_replay_writer_does_not_change_the_runs_status(tmp_path):
+    """A replayer appending replays to a finished run (its own writer rank) leaves the run
+    ``complete`` while it writes, and when it is killed: its flushed rows are salvaged and
+    read, its rank alone says ``salvaged``."""
+    from replay.replayer import REPLAY_RANK
+
+    root = tmp_path / "run"
+    proc = _start(root, 0, 1)
+    _wait_ready(proc)
+    _kill(proc)
+    with open_recording(root) as rec:
+        assert rec.info()["status"] == "salvaged"
+    root2 = tmp_path / "done"
+    from replay import Recorder
+    with Recorder(root2, run_config={"model": "tiny"}) as rec:
+        rec.rollout(step=0, request_id="r0-0-0", prompt_ids=[1], output_ids=[10], logprobs=[-0.5])
+    proc = subprocess.Popen([sys.executable, "-c", REPLAY_CHILD, str(root2)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        _wait_ready(proc)
+        assert writer_alive(root2, REPLAY_RANK) and read_manifest(root2)["status"] == "complete"
+        with open_recording(root2) as rec:
+            assert rec.info()["status"] == "complete"
+    finally:
+        _kill(proc)
+    with open_recording(root2) as rec:
+        assert rec.info()["status"] == "complete"
+        assert rec.sql("SELECT count(*) FROM replays").fetchall()[0][0] == 3
+    ranks = read_manifest(root2)["ranks"]
+    assert [r["status"] for k, r in sorted(ranks.items())] == ["complete", "salvaged"]
