@@ -238,7 +238,7 @@ class Replayer:
             what = (f"{len(plan.missing)} submitted request(s) have no rollout" if plan.missing
                     else "it has no step_end event")
             raise RecordingError(f"step {step} is incomplete in {self.path} ({what}): the writer stopped "
-                                 f"during it; complete steps: {_ranges(self._complete_steps())}",
+                                 f"during it; complete steps: {_ranges(self.complete_steps())}",
                                  "incomplete step")
         return plan
 
@@ -275,7 +275,8 @@ class Replayer:
         return [GenResult(request_id=r.request_id, output_ids=r.output_ids, logprobs=list(lps[r.request_id]),
                           token_versions=r.token_versions, finish_reason="length") for r in plan.requests]
 
-    def _complete_steps(self) -> list[int]:
+    def complete_steps(self) -> list[int]:
+        """Steps with rollouts whose ``step_end`` is recorded (replayable without ``allow_incomplete``)."""
         ended = {s for (s,) in self.rec.sql("SELECT DISTINCT step FROM events WHERE kind = 'step_end'").fetchall()}
         return [s for s in self.steps() if s in ended]
 

@@ -43,7 +43,7 @@ def parse_steps(text: str) -> list[int]:
             a, _, b = part.partition("-")
             out += list(range(int(a), int(b) + 1)) if b else [int(a)]
     except ValueError:
-        raise BadInput(f"--step takes N, A-B or a comma list, not {text!r}", field="step") from None
+        raise BadInput(f"--step takes N, A-B, a comma list or all, not {text!r}", field="step") from None
     return out
 
 
@@ -65,7 +65,7 @@ def add_parser(subparsers) -> None:
                     "fix set, write the replayed logprobs into the recording's replays table, and print "
                     "fidelity and the mismatch metrics (trainer vs recorded, trainer vs replayed).")
     p.add_argument("path", help="recording folder")
-    p.add_argument("--step", required=True, help="step, range A-B, or list 1,3,5")
+    p.add_argument("--step", required=True, help="step, range A-B, list 1,3,5, or all")
     p.add_argument("--mode", choices=("score", "regenerate"), default="score")
     add_config_args(p)
     p.add_argument("--jobs", type=int, default=1, help="replay chunks of the steps in N worker processes")
@@ -81,11 +81,17 @@ def run(args: argparse.Namespace) -> int:
     from ._format import table, to_json
     from .replayer import Replayer
 
-    steps = parse_steps(args.step)
+    every = args.step.strip() == "all"
+    steps = [] if every else parse_steps(args.step)
     out = []
     with Replayer(args.path, engine=args.engine, device=args.device, python=args.python,
                   model_path=args.model) as rp:
         cfg = config_from_args(args, rp.recorded_config())
+        if every:  # every complete step; an incomplete one (a writer killed during it) is named
+            steps = rp.complete_steps()
+            left = sorted(set(rp.steps()) - set(steps))
+            if left:
+                print(f"replay: skipping incomplete step(s) {', '.join(map(str, left))}", file=sys.stderr)
         progress = (lambda msg: print(f"  … {msg}", file=sys.stderr)) if args.format == "table" else None
         for res in rp.replay_range(steps, cfg, mode=args.mode, jobs=args.jobs, batch=args.batch,
                                    write=not args.no_write,

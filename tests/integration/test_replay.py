@@ -150,6 +150,13 @@ def test_incomplete_step_of_a_killed_writer(runs, tmp_path):
             assert rp.replay(step, write=False).summary()["fidelity"]["exact"]
         with pytest.raises(RecordingError, match="step 3 is incomplete.*complete steps: 0-2"):
             rp.replay(3, write=False)
+        assert rp.complete_steps() == [0, 1, 2]
+    # the command line: every complete step, the incomplete one named
+    proc = subprocess.run([sys.executable, "-m", "replay", "rerun", str(path), "--step", "all", "--no-write",
+                           "--format", "json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [s["step"] for s in json.loads(proc.stdout)] == [0, 1, 2]
+    assert "skipping incomplete step(s) 3" in proc.stderr
 
 
 def _model_dir(runs):
