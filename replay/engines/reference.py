@@ -295,7 +295,11 @@ class ReferenceEngine:
                             batches.setdefault(st.view.key(), []).append((run, st))
                 for active in batches.values():
                     view = active[0][1].view
-                    if step == 0:
+                    if step == 0 and not self.config.enable_prefix_caching:  # every prefill in one forward
+                        chunks = [Chunk(list(run.req.prompt_ids), 0, run.kv, [len(run.req.prompt_ids) - 1])
+                                  for run, _ in active]
+                        h = forward(chunks, self._weights, view, self.arch, self._dtype, self.device)
+                    elif step == 0:
                         hidden = []
                         for run, _ in active:  # one prefill at a time: a later request hits blocks of an earlier one
                             prompt = list(run.req.prompt_ids)
