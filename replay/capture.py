@@ -204,8 +204,6 @@ def _chunk_topk_keys(raw: Any, lo: int, k: int) -> Any:
     values equal to it, the first ones (lowest ids) fill the remaining places. Only the
     ``[T, k]`` winners get int64 keys, so the chunk costs about one float ``topk``.
     """
-    import torch
-
     thr = raw.topk(k, dim=1).values[:, -1:]
     take = raw >= thr
     extra = take.sum(dim=1) > k  # rows where values tied with thr compete for the last places

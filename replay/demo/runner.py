@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BadInput
 from ..fixes import FIX_IDS, EngineConfig, resolve
 from .pipeline import RunSpec
 from .rl import TrainConfig

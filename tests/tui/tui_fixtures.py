@@ -7,11 +7,9 @@ prefix-cache hits. ``write_steps`` is also used to keep a live recording growing
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from replay import Recorder
 

@@ -15,7 +15,8 @@ import pyarrow as pa
 import pytest
 
 from replay import Recorder
-from replay._writer import BoundedQueue, stream_to_file
+from replay._segments import IPC_OPTIONS, stream_to_file
+from replay._writer import BoundedQueue
 from replay.errors import RecordingError, ReplayError
 from replay.schema import SCHEMAS
 
@@ -479,7 +480,6 @@ def test_closed_segment_is_byte_identical_to_pyarrows_own_file(tmp_path):
     for b in range(4):
         rows = [dict(rollout_kwargs(i, step=b, n=3 + i + b), rank=0, time_ns=5) for i in range(b + 1)]
         batches.append(pa.RecordBatch.from_pylist(rows, schema=schema))
-    from replay._writer import IPC_OPTIONS
 
     stream = tmp_path / "part-00000.arrows"
     with pa.OSFile(str(stream), "wb") as f, pa.ipc.new_stream(f, schema, options=IPC_OPTIONS) as w:
