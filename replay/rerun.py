@@ -73,12 +73,14 @@ def add_parser(subparsers) -> None:
                    help="without prefix caching, replay consecutive steps together, up to N requests per "
                         "engine call (1: one step per call; default 256)")
     p.add_argument("--no-write", action="store_true", help="do not write the replays table")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--format", choices=("table", "json"), default="table",
+                   help="json: one object for --step N, a list of objects for a range, list or all")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ._format import table, to_json
+    from .errors import RecordingError
     from .replayer import Replayer
 
     every = args.step.strip() == "all"
@@ -89,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = config_from_args(args, rp.recorded_config())
         if every:  # every complete step; an incomplete one (a writer killed during it) is named
             steps = rp.complete_steps()
+            if not steps:
+                raise RecordingError(f"{args.path} has no complete step to replay (steps with rollouts: "
+                                     f"{rp.steps() or 'none'})", "cannot replay")
             left = sorted(set(rp.steps()) - set(steps))
             if left:
                 print(f"replay: skipping incomplete step(s) {', '.join(map(str, left))}", file=sys.stderr)
@@ -101,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
             s["note"] = res.note
             out.append(s)
     if args.format == "json":
-        print(to_json(out if len(out) > 1 else out[0]))
+        # one object for --step N, a list for a range, a list or all (whatever it holds)
+        print(to_json(out[0] if args.step.strip().isdigit() else out))
         return 0
     cols = ["step", "config_id", "mode", "fidelity", "recorded |r|", "replayed |r|", "recorded clip",
             "replayed clip", "replayed kl_new_old"]

@@ -68,6 +68,9 @@ def test_rerun_batched_and_step_by_step_print_the_same_figures(runs, capsys):
         assert a["replayed"]["mean_abs_log_ratio"] < a["recorded"]["mean_abs_log_ratio"]
     fid = run_json(capsys, "rerun", runs / "v0", "--step", "0-2")
     assert all(s["fidelity"]["exact"] for s in fid)
+    one = run_json(capsys, "rerun", runs / "v0", "--step", "1", "--no-write")   # --step N: one object
+    assert one["step"] == 1 and one["fidelity"]["exact"]
+    assert [s["step"] for s in run_json(capsys, "rerun", runs / "v0", "--step", "1-1", "--no-write")] == [1]
     assert cli_main(["rerun", str(runs / "v0"), "--step", "2", "--no-write"]) == 0
     out = capsys.readouterr()
     assert "exact" in out.out and "step 2 replayed" in out.err
