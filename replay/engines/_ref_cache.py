@@ -60,6 +60,16 @@ class PrefixCache:
             keys.append(parent)
         return keys
 
+    def peek(self, prompt: list[int]) -> int:
+        """How many tokens :meth:`lookup` would serve from the cache now (nothing copied or touched)."""
+        usable = (len(prompt) - 1) // self.block_size
+        n = 0
+        for key in self._chain(prompt, usable):
+            if key not in self._blocks:
+                break
+            n += 1
+        return n * self.block_size
+
     def lookup(self, prompt: list[int], kv: RequestKV) -> int:
         """Copy the longest cached run of leading blocks of ``prompt`` into ``kv``; return its length in tokens."""
         usable = (len(prompt) - 1) // self.block_size

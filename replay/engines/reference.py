@@ -299,18 +299,8 @@ class ReferenceEngine:
                         chunks = [Chunk(list(run.req.prompt_ids), 0, run.kv, [len(run.req.prompt_ids) - 1])
                                   for run, _ in active]
                         h = forward(chunks, self._weights, view, self.arch, self._dtype, self.device)
-                    elif step == 0:
-                        hidden = []
-                        for run, _ in active:  # one prefill at a time: a later request hits blocks of an earlier one
-                            prompt = list(run.req.prompt_ids)
-                            hit = self.cache.lookup(prompt, run.kv) if self.config.enable_prefix_caching else 0
-                            run.cached = hit
-                            chunk = Chunk(prompt[hit:], hit, run.kv, [len(prompt) - hit - 1])
-                            hidden.append(forward([chunk], self._weights, view, self.arch, self._dtype,
-                                                  self.device))
-                            if self.config.enable_prefix_caching:
-                                self.cache.store(prompt, run.kv)
-                        h = torch.cat(hidden, 0)
+                    elif step == 0:  # prefills in waves: a request waits for an earlier one it could hit
+                        h = self._cached_prefills([run for run, _ in active], view)
                     else:
                         chunks = [Chunk([run.out[-1]], run.kv.length, run.kv, [0]) for run, _ in active]
                         h = forward(chunks, self._weights, view, self.arch, self._dtype, self.device)
@@ -332,6 +322,40 @@ class ReferenceEngine:
                            topk_ids=run.topk_ids if run.req.num_topk > 0 else None,
                            topk_logprobs=run.topk_lps if run.req.num_topk > 0 else None) for run in st.runs]
                 for st in states]
+
+    def _cached_prefills(self, runs: list[_Running], view: Any) -> Any:
+        """Prefill ``runs`` under prefix caching with the hits of one-at-a-time prefills in
+        order (each request reuses the full blocks every earlier one stored), in as few
+        forwards as that allows: a wave holds every request whose hit no earlier pending
+        request could still extend; the rest wait for the next wave. Identical prompts
+        (a GRPO group) take two waves: the first computes, the others hit."""
+        import torch
+
+        from ._ref_model import Chunk, forward
+
+        bs = self.cache.block_size
+        hidden: dict[int, Any] = {}
+        pending = list(range(len(runs)))
+        while pending:
+            wave, later = [], []
+            for j in pending:
+                pj = list(runs[j].req.prompt_ids)
+                hit = self.cache.peek(pj) // bs
+                usable = (len(pj) - 1) // bs
+                waits = any(_shared_blocks(list(runs[i].req.prompt_ids), pj, bs, usable) > hit
+                            for i in wave + later)
+                (later if waits else wave).append(j)
+            chunks = []
+            for j in wave:
+                run, prompt = runs[j], list(runs[j].req.prompt_ids)
+                run.cached = self.cache.lookup(prompt, run.kv)
+                chunks.append(Chunk(prompt[run.cached:], run.cached, run.kv, [len(prompt) - run.cached - 1]))
+            out = forward(chunks, self._weights, view, self.arch, self._dtype, self.device)
+            for row, j in enumerate(wave):
+                self.cache.store(list(runs[j].req.prompt_ids), runs[j].kv)
+                hidden[j] = out[row:row + 1]
+            pending = later
+        return torch.cat([hidden[j] for j in range(len(runs))], 0)
 
     def _emit(self, run: _Running, row: Any, version: int) -> None:
         """Sample one token for ``run`` from its logits ``row`` and record it."""
@@ -420,3 +444,13 @@ class ReferenceEngine:
                     self.cache.store(list(r.prompt_ids) + list(r.output_ids), c.kv)
         return [by_id.get(r.request_id) or ScoreResult(r.request_id, [], [] if r.num_topk > 0 else None,
                                                        [] if r.num_topk > 0 else None) for r in requests]
+
+
+def _shared_blocks(a: list[int], b: list[int], block_size: int, usable: int) -> int:
+    """Leading full blocks of ``a`` (as a prefill stores them) equal to ``b``'s, at most ``usable``."""
+    n = min(len(a) // block_size, usable)
+    k = 0
+    while k < n and a[k * block_size:(k + 1) * block_size] == b[k * block_size:(k + 1) * block_size]:
+        k += 1
+    return k
+

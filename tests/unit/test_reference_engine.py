@@ -426,3 +426,18 @@ def test_engines_without_groups_share_a_call_per_schedule(model_path):
     native.load_weights(2, perturbed(model_path), activate=False)
     assert out == generate_groups(native, groups)
     assert [len(g) for g in out] == [2, 2, 2, 2]
+
+
+def test_prefills_under_prefix_caching_hit_as_one_at_a_time_in_order(model_path):
+    """Prefills run in waves, yet each request gets the hit it would get after every earlier
+    request of the call stored its prompt's full blocks, and the same bits as without a cache."""
+    base = [1] + [4 + (7 * j) % 40 for j in range(39)]                # 40 tokens: 2 full blocks
+    prompts = {"a": base, "b": base[:32] + [50, 51, 52, 53, 54], "c": base[:16] + [55] * 14,
+               "d": list(base), "e": [2] + [44 + j % 9 for j in range(19)]}
+    reqs = [GenRequest(k, p, max_tokens=4, temperature=T, top_p=TOP_P, seed=i)
+            for i, (k, p) in enumerate(prompts.items())]
+    cached = ReferenceEngine(model_path, PROCESSED, ignore_eos=True).generate(reqs)
+    assert [g.num_cached_tokens for g in cached] == [0, 32, 16, 32, 0]
+    plain = ReferenceEngine(model_path, CLEAN, ignore_eos=True).generate(reqs)
+    for a, b in zip(cached, plain):
+        assert a.output_ids == b.output_ids and a.logprobs == b.logprobs
