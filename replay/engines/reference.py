@@ -20,8 +20,9 @@ to the sampler as float32, as in vLLM.
 **Prefix cache** (``config.enable_prefix_caching``): full blocks of ``block_size``
 tokens are cached by content across requests and across ``generate()`` calls, see
 :mod:`._ref_cache`. Within a call each request hits what it would if the requests were
-prefilled one at a time in submission order (the engine batches the prefills it can). Nothing here resets it on a weight update, neither a concurrent
-update nor a paused one (the source's fix pauses with ``clear_cache=False``), nor
+prefilled one at a time in submission order (the engine batches the prefills it can).
+Nothing here resets the cache on a weight update, neither a concurrent update nor a
+paused one (the source's fix pauses with ``clear_cache=False``), nor
 :meth:`ReferenceEngine.load_weights` between calls (vLLM's ``collective_rpc`` weight
 load does not reset the cache either): blocks computed by old weights are reused,
 stale, by any later request with the same prefix. ``GenResult.num_cached_tokens``
