@@ -77,7 +77,8 @@ def write_atomic(path: Path, data: bytes) -> None:
 AUX_RANKS = 10_000  # writer ranks from here on add derived data (replays), not the run itself
 
 
-def _rank_number(key: Any) -> int | None:
+def rank_number(key: Any) -> int | None:
+    """The rank a manifest key names (``"0"`` or ``"rank-0000"``); None for anything else."""
     m = RANK_DIR_RE.match(str(key))
     text = m.group(1) if m else str(key)
     return int(text) if text.isdigit() else None
@@ -89,7 +90,7 @@ def overall_status(man: dict) -> str:
     :data:`AUX_RANKS` on, e.g. a replayer adding replays) do not change it; they count
     only in a folder that holds nothing else."""
     ranks = man.get("ranks", {}) or {}
-    run = [r for k, r in ranks.items() if (n := _rank_number(k)) is None or n < AUX_RANKS]
+    run = [r for k, r in ranks.items() if (n := rank_number(k)) is None or n < AUX_RANKS]
     statuses = [r.get("status", "recording") if isinstance(r, dict) else "recording"
                 for r in (run or list(ranks.values()))]
     if not statuses:

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from .errors import RecordingError
-from .manifest import now_iso, read_manifest, update_manifest, writer_alive
+from .manifest import now_iso, rank_number, read_manifest, update_manifest, writer_alive
 from .schema import FILE_SUFFIX, RANK_DIR_RE, SEGMENT_RE, STREAM_SUFFIX, TABLES
 
 _IPC_OPTIONS = ipc.IpcWriteOptions(compression="zstd")
@@ -137,12 +137,9 @@ def rank_entries(man: dict) -> dict[int, tuple[str, dict]]:
     """
     out = {}
     for key, entry in (man.get("ranks") or {}).items():
-        text = str(key)
-        m = RANK_DIR_RE.match(text)
-        if m:
-            out[int(m.group(1))] = (key, entry if isinstance(entry, dict) else {})
-        elif text.isdigit():
-            out[int(text)] = (key, entry if isinstance(entry, dict) else {})
+        rank = rank_number(key)
+        if rank is not None:
+            out[rank] = (key, entry if isinstance(entry, dict) else {})
     return out
 
 
