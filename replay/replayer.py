@@ -162,11 +162,14 @@ class Replayer:
             self._position[config.id] = -1
         return eng
 
-    def _serve(self, eng, versions: Sequence[int], serving: int) -> None:
+    def _load(self, eng, versions: Sequence[int]) -> None:
+        """Make every version in ``versions`` known to ``eng`` (without serving it)."""
         loaded = set(getattr(eng, "versions", ()) or ())
-        for v in versions:
-            if v not in loaded:
-                eng.load_weights(v, self._state(v), activate=False)
+        for v in sorted(set(versions) - loaded):
+            eng.load_weights(v, self._state(v), activate=False)
+
+    def _serve(self, eng, versions: Sequence[int], serving: int) -> None:
+        self._load(eng, versions)
         if hasattr(eng, "activate"):
             eng.activate(serving)
         else:
@@ -207,8 +210,7 @@ class Replayer:
                write: bool = True, progress: Callable[[str], None] | None = None,
                allow_incomplete: bool = False) -> ReplayResult:
         """Replay ``step`` under ``config`` (default: the recorded config)."""
-        if mode not in ("score", "regenerate"):
-            raise BadInput(f"mode must be score or regenerate, not {mode!r}", field="mode")
+        _check_mode(mode)
         config = config or self.recorded_config()
         plan = self._plan(step, allow_incomplete)
         eng = self._engine(config)
@@ -296,8 +298,7 @@ class Replayer:
         (a chunk under prefix caching first rebuilds the cache up to its first step);
         results are written here, in step order, by one writer.
         """
-        if mode not in ("score", "regenerate"):
-            raise BadInput(f"mode must be score or regenerate, not {mode!r}", field="mode")
+        _check_mode(mode)
         if batch < 1:
             raise BadInput(f"batch must be >= 1 request, not {batch}", field="batch")
         config = config or self.recorded_config()
@@ -359,9 +360,7 @@ class Replayer:
         from .engines.base import GenGroup, generate_groups
 
         eng = self._engine(config)
-        loaded = set(getattr(eng, "versions", ()) or ())
-        for v in sorted({v for p in plans for v in p.versions} - loaded):
-            eng.load_weights(v, self._state(v), activate=False)
+        self._load(eng, [v for p in plans for v in p.versions])
         groups = [GenGroup(self._gen_requests(p, forced=mode == "score"), list(p.updates), p.serving)
                   for p in plans]
         self.engine_calls += 1
@@ -395,6 +394,11 @@ class Replayer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ("score", "regenerate"):
+        raise BadInput(f"mode must be score or regenerate, not {mode!r}", field="mode")
 
 
 @contextlib.contextmanager

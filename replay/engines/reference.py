@@ -336,25 +336,24 @@ class ReferenceEngine:
         from ._ref_model import Chunk, forward
 
         bs = self.cache.block_size
+        prompts = [list(run.req.prompt_ids) for run in runs]
         hidden: dict[int, Any] = {}
         pending = list(range(len(runs)))
         while pending:
             wave, later = [], []
             for j in pending:
-                pj = list(runs[j].req.prompt_ids)
-                hit = self.cache.peek(pj) // bs
-                usable = (len(pj) - 1) // bs
-                waits = any(_shared_blocks(list(runs[i].req.prompt_ids), pj, bs, usable) > hit
-                            for i in wave + later)
+                hit = self.cache.peek(prompts[j]) // bs
+                usable = (len(prompts[j]) - 1) // bs
+                waits = any(_shared_blocks(prompts[i], prompts[j], bs, usable) > hit for i in wave + later)
                 (later if waits else wave).append(j)
             chunks = []
             for j in wave:
-                run, prompt = runs[j], list(runs[j].req.prompt_ids)
+                run, prompt = runs[j], prompts[j]
                 run.cached = self.cache.lookup(prompt, run.kv)
                 chunks.append(Chunk(prompt[run.cached:], run.cached, run.kv, [len(prompt) - run.cached - 1]))
             out = forward(chunks, self._weights, view, self.arch, self._dtype, self.device)
             for row, j in enumerate(wave):
-                self.cache.store(list(runs[j].req.prompt_ids), runs[j].kv)
+                self.cache.store(prompts[j], runs[j].kv)
                 hidden[j] = out[row:row + 1]
             pending = later
         return torch.cat([hidden[j] for j in range(len(runs))], 0)
