@@ -184,11 +184,21 @@ def test_openai_response_round_trip(runs, tmp_path, kind):
         np.testing.assert_array_equal(np.float32(lps),
                                       np.float32([c.logprobs[i][t].logprob for i, t in enumerate(c.token_ids)]))
     exp = _expected(outputs)
-    top = open_recording(tmp_path / "rec").sql("SELECT request_id, pos, ids FROM topk ORDER BY request_id, pos")
-    top = top.fetchall()
+    top = open_recording(tmp_path / "rec").sql(
+        "SELECT request_id, pos, ids, logprobs FROM topk ORDER BY request_id, pos").fetchall()
     assert top
-    for rid, pos, ids in top:
-        assert ids == exp[f"{o.request_id}:{rid.rsplit(':', 1)[1]}"][3][pos]
+    for rid, pos, ids, lps in top:
+        want = exp[f"{o.request_id}:{rid.rsplit(':', 1)[1]}"]
+        # A completions dict carries no ranks: entries of equal logprob may come in either order.
+        assert _by_logprob(ids, lps) == _by_logprob(want[3][pos], want[4][pos])
+
+
+def _by_logprob(ids, lps):
+    """Top-k entries grouped by logprob (float32): equal values form one unordered group."""
+    groups: dict = {}
+    for t, lp in zip(ids, lps):
+        groups.setdefault(float(np.float32(lp)), set()).add(int(t))
+    return groups
 
 
 def test_pipelinerl_style_example_records_a_run(tmp_path):
