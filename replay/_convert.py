@@ -269,7 +269,8 @@ def _batch(schema: pa.Schema, cols: dict[str, pa.Array]) -> pa.RecordBatch:
 
 
 def build_rows(table: str, schema: pa.Schema, items: list[tuple], rank: int, tracker: Any) -> Built:
-    """Rollouts, trainer or replays rows: list columns flattened per batch, validated unless checked."""
+    """Rows of a table with list columns (rollouts, trainer, replays, reference): list columns
+    flattened per batch, validated unless checked."""
     from . import validate as v
 
     rows = [row_of(it) for it in items]
@@ -317,7 +318,7 @@ def build_rows(table: str, schema: pa.Schema, items: list[tuple], rank: int, tra
         arrays[name] = list_array(flat, lengths, mask)
     for name, vals in scalars.items():
         arrays[name] = pa.array(vals, type=schema.field(name).type)
-    tok = "output_ids" if table == "rollouts" else "logprobs"
+    tok = {"rollouts": "output_ids", "reference": "lp_sampler"}.get(table, "logprobs")
     return Built(_batch(schema, arrays), rejects, int(cols[tok][1].sum()))
 
 

@@ -250,33 +250,69 @@ def scan_table(table: str, parts: list[Part], cache: StreamCache | None = None,
 
 # ---------------------------------------------------------------- derived views
 
-def tokens_sql(s: str) -> str:
-    """One row per generated token of schema ``s``'s rollouts, with the trainer's view of it.
-
-    The trainer's latest scoring (by ``time_ns``) of each (step, request_id) is joined
-    on the whole sequence first, then both sides are unnested by position together,
-    so the view costs one pass over the token lists and no token-level join.
-    """
-    return f"""WITH tr AS (
-    SELECT step, request_id, weight_version, logprobs, entropy
+def latest_trainer_sql(s: str) -> str:
+    """The trainer's latest row (by ``time_ns``) of each (step, request_id) of schema ``s``."""
+    return f"""SELECT step, request_id, weight_version, logprobs, entropy
     FROM {s}.trainer
-    QUALIFY row_number() OVER (PARTITION BY step, request_id ORDER BY time_ns DESC) = 1
+    QUALIFY row_number() OVER (PARTITION BY step, request_id ORDER BY time_ns DESC) = 1"""
+
+
+def tokens_sql(s: str) -> str:
+    """One row per generated token of schema ``s``'s rollouts, with the trainer's view of it
+    and, where the ``reference`` table holds the sequence (``replay diagnose``), the exact
+    decomposition of the mismatch (DESIGN §8.1)::
+
+        log_ratio = e_trainer + lag + semantics - e_backend      (per token, exactly)
+
+    ``lp_ref`` is the token's logprob under the sampler's distribution at its own version;
+    ``e_backend = lp_rollout - lp_ref``; ``semantics`` the trainer's deliberate difference
+    from the sampler (its identified semantics) at the token's version; ``lag`` the same
+    reference moved from the token's version to the trainer's; ``e_trainer = lp_trainer -``
+    that reference. ``ref_floor`` is the measured floor of the token (NULL unless sampled).
+
+    The trainer's latest scoring (by ``time_ns``) of each (step, request_id) and the
+    latest generation of its reference are joined on the whole sequence first, then
+    unnested by position together, so the view costs one pass over the token lists and
+    no token-level join.
+    """
+    def d(col: str) -> str:
+        return f"CAST({col}[pos + 1] AS DOUBLE)"
+
+    return f"""WITH tr AS ({latest_trainer_sql(s)}
+), ref AS (
+    SELECT step, request_id, lp_sampler, lp_tempered, lp_sampler_tr, lp_tempered_tr, floor
+    FROM {s}.reference
+    QUALIFY row_number() OVER (PARTITION BY step, request_id ORDER BY generation DESC, time_ns DESC) = 1
+), sem AS (
+    SELECT coalesce(arg_max(trainer_semantics, generation), 'sampler') = 'untruncated' AS untruncated
+    FROM {s}.reference
 ), seq AS (
     SELECT r.step, r.request_id, r.rank, r.output_ids, r.logprobs AS lp_r,
            r.token_versions AS tv, t.logprobs AS lp_t, t.entropy AS ent,
-           t.weight_version AS trainer_version
+           t.weight_version AS trainer_version,
+           f.lp_sampler AS ref_s,
+           CASE WHEN (SELECT untruncated FROM sem) THEN f.lp_tempered ELSE f.lp_sampler END AS star,
+           CASE WHEN (SELECT untruncated FROM sem) THEN f.lp_tempered_tr ELSE f.lp_sampler_tr END AS star_tr,
+           f.floor AS fl
     FROM {s}.rollouts r
     LEFT JOIN tr t ON r.step = t.step AND r.request_id = t.request_id
+    LEFT JOIN ref f ON r.step = f.step AND r.request_id = f.request_id
 )
 SELECT step, request_id, CAST(pos AS INTEGER) AS pos,
        output_ids[pos + 1] AS token_id,
        lp_r[pos + 1] AS lp_rollout,
        lp_t[pos + 1] AS lp_trainer,
-       CAST(lp_t[pos + 1] AS DOUBLE) - CAST(lp_r[pos + 1] AS DOUBLE) AS log_ratio,
+       {d("lp_t")} - {d("lp_r")} AS log_ratio,
        tv[pos + 1] AS weight_version,
        trainer_version,
        ent[pos + 1] AS entropy,
-       rank
+       rank,
+       ref_s[pos + 1] AS lp_ref,
+       {d("lp_r")} - {d("ref_s")} AS e_backend,
+       {d("star")} - {d("ref_s")} AS semantics,
+       {d("star_tr")} - {d("star")} AS lag,
+       {d("lp_t")} - {d("star_tr")} AS e_trainer,
+       fl[pos + 1] AS ref_floor
 FROM (SELECT *, unnest(range(len(output_ids))) AS pos FROM seq)"""
 
 

@@ -35,7 +35,7 @@ import pyarrow as pa
 from . import _convert as cv
 from ._segments import Segment, next_part, stream_to_file
 from .schema import SCHEMAS, segment_path
-from .validate import StepTracker, row_json, scalar
+from .validate import LIST_COLUMNS, StepTracker, row_json, scalar
 
 log = logging.getLogger("replay.recorder")
 
@@ -276,7 +276,7 @@ class Writer:
             return
         schema = SCHEMAS[table]
         try:
-            if table in ("rollouts", "trainer", "replays"):
+            if table in LIST_COLUMNS:
                 built = cv.build_rows(table, schema, items, self.rank, self.tracker)
             elif table == "topk":
                 built = cv.build_topk(schema, items, self.rank, self.tracker)

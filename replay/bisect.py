@@ -1,4 +1,12 @@
-"""Where divergence begins: by steps (and, with the replayer, by fixes, tokens and layers).
+"""Where divergence begins: by steps, fixes, tokens and layers.
+
+Fixes, tokens and (without a reference run) steps are views of the diagnosis
+(:mod:`replay.diagnose`): every token's mismatch is split against an exact reference
+at its own weight version, and each component is tested against the measured floor.
+
+**Steps, from the components.** Without a reference run: the first step where the
+backend or the trainer error leaves the floor (a CUSUM over per-step z against the
+floor, :func:`replay.diagnose.stats.cusum_onset`).
 
 **Steps, against a reference run.** For each step both runs recorded, compare the
 per-token mismatch ``|r| = |lp_trainer - lp_rollout|`` of the run with the
@@ -26,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .diagnose.backend import ddmin  # noqa: F401 - part of this module's API
+from .diagnose.stats import cusum_onset
 from .errors import BadInput
 
 
@@ -57,22 +67,6 @@ def _z_prop(a: dict, b: dict) -> float:
     return d / se
 
 
-def cusum_onset(steps: list[int], z: list[float], *, k: float, h: float) -> tuple[int | None, list[float]]:
-    """One-sided CUSUM over ``z``; returns (onset step or None, the CUSUM path)."""
-    s, start, path, onset = 0.0, None, [], None
-    for step, zt in zip(steps, z):
-        prev = s
-        s = max(0.0, s + zt - k)
-        if prev == 0.0 and s > 0.0:
-            start = step
-        if s == 0.0:
-            start = None
-        path.append(s)
-        if onset is None and s > h:
-            onset = start if start is not None else step
-    return onset, path
-
-
 def bisect_steps(run: str | Path, against: str | Path | None = None, *, threshold: float | None = None,
                  eps: float = 0.2, k: float = 1.0, h: float = 8.0, persist: int = 2) -> dict:
     """The first step where ``run`` departs from ``against`` (or exceeds ``threshold``).
@@ -82,7 +76,7 @@ def bisect_steps(run: str | Path, against: str | Path | None = None, *, threshol
     from .recording import open_recording
 
     if against is None and threshold is None:
-        raise BadInput("give a reference run (--against REF) or a threshold (--threshold X)", field="against")
+        return bisect_steps_components(run)
     paths = [run] if against is None else [run, against]
     with open_recording(paths, names=["run"] if against is None else ["run", "ref"]) as rec:
         mine = _step_stats(rec, "run", eps)
@@ -112,117 +106,116 @@ def bisect_steps(run: str | Path, against: str | Path | None = None, *, threshol
     return {"step": onset, "method": "cusum", "k": k, "h": h, "eps": eps, "evidence": evidence}
 
 
+def bisect_steps_components(run: str | Path, **kw) -> dict:
+    """The first step where the backend or the trainer error leaves the floor (no reference run
+    needed): ``{"step", "method": "components", "component", "evidence": [per-step rows]}``."""
+    from .diagnose import components as C
+    from .diagnose.reference import reference_scores
+    from .diagnose.trainer import onset
+
+    ref = reference_scores(run, **kw)
+    tok = C.tokens(ref.seqs, ref.trainer_semantics)
+    fb, ft = C.floors(ref.seqs)
+    rows = C.per_step(tok, fb, ft)
+    steps = [r.step for r in rows]
+    found = {c: onset(steps, [getattr(r, c) for r in rows]) for c in ("backend", "trainer")}
+    hits = [(s, c) for c, s in found.items() if s is not None]
+    step, comp = min(hits) if hits else (None, None)
+    return {"step": step, "method": "components", "component": comp, "onsets": found,
+            "floor": fb.as_dict(), "evidence": [r.as_dict() for r in rows]}
+
+
 # ------------------------------------------------------------------------------ fixes
 
-def _with_dtype(cfg, like):
-    import dataclasses
-
-    return dataclasses.replace(cfg, dtype=like.dtype)
-
-
-def ddmin(items: list[str], passes) -> list[str]:
-    """Zeller's delta debugging: a 1-minimal subset of ``items`` for which ``passes`` holds
-    (``passes(items)`` must hold). Removing any single element of the result breaks it."""
-    current, n = list(items), 2
-    while len(current) >= 2:
-        chunk = max(1, len(current) // n)
-        subsets = [current[i:i + chunk] for i in range(0, len(current), chunk)]
-        reduced = False
-        for sub in subsets:
-            if passes(sub):
-                current, n, reduced = sub, 2, True
-                break
-        if not reduced:
-            for sub in subsets:
-                comp = [x for x in current if x not in sub]
-                if comp and passes(comp):
-                    current, n, reduced = comp, max(n - 1, 2), True
-                    break
-        if not reduced:
-            if n >= len(current):
-                break
-            n = min(len(current), 2 * n)
-    if len(current) == 1 and passes([]):
-        return []
-    return current
-
-
-def bisect_fixes(path: str | Path, step: int, *, engine: str = "reference", preset: str = "v1",
-                 rel_tol: float = 0.1, abs_tol: float = 1e-3, device: str = "cpu", python: str | None = None,
-                 progress=None, replayer=None, write: bool = True) -> dict:
-    """At ``step``, the minimal set of fixes (on ``preset``) whose replay restores parity with
-    the trainer, and the ablation table (none, each alone, all but one, cumulative, and the
-    minimal set itself).
-
-    Parity: the replayed logprobs' mean |lp_trainer - lp_replayed| is at most that of the
-    replay with all four fixes times ``1 + rel_tol``, plus ``abs_tol``. (All four fixes
-    give V0's semantics; what mismatch remains under them is policy lag and numerics,
-    which no engine fix removes.)
-    """
-    from .fixes import FIX_IDS, resolve
+def bisect_fixes(path: str | Path, step: int, *, engine: str = "reference", device: str = "cpu",
+                 python: str | None = None, model_path: str | Path | None = None, progress=None,
+                 write: bool = True) -> dict:
+    """At ``step``, the minimal set of the fixes the recorded config lacks whose replay brings the
+    engine to the exact reference (at the floor), with the ablation table; the backend search of
+    :mod:`replay.diagnose.backend` on one step. ``fixes`` is empty and ``explained`` false when
+    even every lacking fix leaves a residual above the floor."""
+    from .diagnose.backend import BackendSearch
+    from .diagnose.components import floors
+    from .diagnose.reference import reference_scores
     from .replayer import Replayer
 
-    own = replayer is None
-    rp = replayer or Replayer(path, engine=engine, device=device, python=python)
-    try:
-        recorded = rp.recorded_config()
-        cache: dict[tuple[str, ...], dict] = {}
-
-        def measure(fixes) -> dict:
-            key = tuple(f for f in FIX_IDS if f in fixes)
-            if key not in cache:
-                cfg = _with_dtype(resolve(preset, key), recorded)
-                if progress:
-                    progress(f"replaying step {step} with {'+'.join(key) or 'no fixes'}")
-                res = rp.replay(step, cfg, mode="score", write=write)
-                s = res.summary()
-                m = s.get("replayed") or {}
-                cache[key] = {"fixes": list(key), "config_id": cfg.id,
-                              "mean_abs_log_ratio": m.get("mean_abs_log_ratio"),
-                              "clip_rate": m.get("clip_rate"), "kl_new_old": m.get("kl_new_old"),
-                              "n_tokens": m.get("n_tokens")}
-            return cache[key]
-
-        full = measure(FIX_IDS)
-        if full["mean_abs_log_ratio"] is None:
-            raise BadInput(f"step {step} has no trainer logprobs to compare the replays with",
-                           field="step", step=step)
-        threshold = full["mean_abs_log_ratio"] * (1 + rel_tol) + abs_tol
-
-        def passes(fixes) -> bool:
-            return measure(fixes)["mean_abs_log_ratio"] <= threshold
-
-        minimal = ddmin(list(FIX_IDS), passes)
-        rows = [("none", ())]
-        rows += [(f"only {f}", (f,)) for f in FIX_IDS]
-        rows += [(f"all but {f}", tuple(x for x in FIX_IDS if x != f)) for f in FIX_IDS]
-        rows += [(f"cumulative to {FIX_IDS[i - 1]}", FIX_IDS[:i]) for i in range(1, len(FIX_IDS) + 1)]
-        rows.append(("minimal", tuple(f for f in FIX_IDS if f in minimal)))
-        none = measure(())["mean_abs_log_ratio"]
-        ablation = []
-        for label, fixes in rows:
-            m = measure(fixes)
-            gap = none - full["mean_abs_log_ratio"]
-            ablation.append({"label": label, **m, "parity": m["mean_abs_log_ratio"] <= threshold,
-                             "gap_closed": None if abs(gap) < 1e-12 else (none - m["mean_abs_log_ratio"]) / gap})
-        return {"step": step, "preset": preset, "engine": engine, "fixes": [f for f in FIX_IDS if f in minimal],
-                "parity_threshold": threshold, "replays": len(cache), "ablation": ablation}
-    finally:
-        if own:
-            rp.close()
+    ref = reference_scores(path, [step], write=write, device=device, model_path=model_path, progress=progress)
+    floor, _ = floors(ref.seqs)
+    with Replayer(path, engine=engine, device=device, python=python, model_path=model_path) as rp:
+        search = BackendSearch(ref, rp.recorded_config(), [step], replayer=rp, floor=floor, write=write,
+                               progress=progress)
+        res = search.verdict()
+    return {"step": step, "engine": engine, "floor": floor.as_dict(), **res}
 
 
 # ----------------------------------------------------------------------------- tokens
 
-def bisect_tokens(path: str | Path, step: int, *, tol: float = 0.5, request_id: str | None = None) -> dict:
-    """Per sequence of ``step``: the first position where |r| exceeds ``tol``, beside the
-    weight-version boundary (first position whose token version differs from the first
-    token's) and the prompt's prefix-cache hit."""
+def bisect_tokens(path: str | Path, step: int, *, tol: float | None = None, request_id: str | None = None,
+                  component: str = "auto") -> dict:
+    """Per sequence of ``step``: the first position where the component exceeds ``tol``, beside the
+    weight-version boundary (first position whose token version differs from the first token's)
+    and the prompt's prefix-cache hit.
+
+    ``component``: ``backend`` (|e_backend|) or ``trainer`` (|e_trainer|), against the exact
+    reference (tol default: the floor's tail bound); ``auto`` picks the one that is off the floor
+    at the step (backend first); ``r`` is the raw mismatch |lp_trainer - lp_rollout| (tol default
+    0.5), which also carries policy lag.
+    """
+    if component not in ("auto", "backend", "trainer", "r"):
+        raise BadInput(f"component must be auto, backend, trainer or r, not {component!r}", field="component")
+    if component == "r":
+        return _tokens_by_r(path, step, tol=0.5 if tol is None else tol, request_id=request_id)
+    from .diagnose import components as C
+    from .diagnose.reference import reference_scores
+    from .diagnose.stats import floor_test
+
+    ref = reference_scores(path, [step])
+    seqs = [s for s in ref.seqs if request_id is None or s.request_id == request_id]
+    if not seqs:
+        raise BadInput(f"step {step} has no sequence" + (f" {request_id!r}" if request_id else ""),
+                       field="request_id" if request_id else "step", step=step, request_id=request_id)
+    tok = C.tokens(seqs, ref.trainer_semantics)
+    fb, ft = C.floors(ref.seqs)
+    if component == "auto":
+        component = next((c for c, f in (("backend", fb), ("trainer", ft))
+                          if floor_test(tok.component(c), f).at_floor is False), "backend")
+    floor = fb if component == "backend" else ft
+    bound = floor_test(np.zeros(1), floor).tail_bound if tol is None else tol
+    rows = []
+    for i, s in enumerate(seqs):
+        c = tok.component(component)[tok.seq == i]
+        a = np.where(np.isnan(c), 0.0, np.abs(c))
+        first = next((j for j, x in enumerate(a) if x > bound), None)
+        boundary = next((j for j, v in enumerate(s.versions) if v != s.versions[0]), None)
+        fin = a[np.isfinite(a)]
+        rows.append({"request_id": s.request_id, "first_pos": first,
+                     "value": None if first is None else float(c[first]),
+                     "max_abs": float(fin.max()) if fin.size else None,
+                     "outside_support": int(np.isinf(a).sum()),
+                     "version_boundary": boundary, "versions": sorted(set(map(int, s.versions))),
+                     "num_cached_tokens": s.num_cached_tokens,
+                     "after_boundary": None if first is None or boundary is None else first >= boundary})
+    return _token_summary(step, component, bound, rows)
+
+
+def _token_summary(step: int, component: str, tol: float, seqs: list[dict]) -> dict:
+    flagged = [s for s in seqs if s["first_pos"] is not None]
+    seqs.sort(key=lambda s: -(s["max_abs"] or 0.0))
+    worst = max(flagged, key=lambda s: s["max_abs"] or 0.0) if flagged else None
+    with_boundary = [s for s in flagged if s["version_boundary"] is not None]
+    return {"step": step, "component": component, "tol": tol,
+            "token": None if worst is None else {"request_id": worst["request_id"], "pos": worst["first_pos"]},
+            "flagged": len(flagged), "sequences": len(seqs),
+            "at_or_after_boundary": sum(bool(s["after_boundary"]) for s in with_boundary),
+            "with_boundary": len(with_boundary), "per_sequence": seqs}
+
+
+def _tokens_by_r(path: str | Path, step: int, *, tol: float, request_id: str | None) -> dict:
     from .recording import open_recording
 
     with open_recording(path) as rec:
         q = """
-            SELECT t.request_id, list(abs(t.log_ratio) ORDER BY t.pos) AS ar,
+            SELECT t.request_id, list(t.log_ratio ORDER BY t.pos) AS r,
                    list(t.weight_version ORDER BY t.pos) AS ver, any_value(r.num_cached_tokens) AS cached
             FROM tokens t JOIN rollouts r ON r.step = t.step AND r.request_id = t.request_id
             WHERE t.step = ? AND t.lp_trainer IS NOT NULL {extra}
@@ -236,24 +229,15 @@ def bisect_tokens(path: str | Path, step: int, *, tol: float = 0.5, request_id: 
         raise BadInput(f"step {step} has no scored tokens" + (f" for request {request_id!r}" if request_id else ""),
                        field="step", step=step, request_id=request_id)
     seqs = []
-    for rid, ar, ver, cached in rows:
-        first = next((i for i, a in enumerate(ar) if a is not None and a > tol), None)
+    for rid, r, ver, cached in rows:
+        first = next((i for i, x in enumerate(r) if x is not None and abs(x) > tol), None)
         boundary = next((i for i, v in enumerate(ver) if v != ver[0]), None)
-        seqs.append({"request_id": rid, "first_pos": first,
-                     "abs_r": None if first is None else float(ar[first]),
-                     "max_abs_r": float(max(a for a in ar if a is not None)),
+        seqs.append({"request_id": rid, "first_pos": first, "value": None if first is None else float(r[first]),
+                     "max_abs": float(max(abs(x) for x in r if x is not None)), "outside_support": 0,
                      "version_boundary": boundary, "versions": sorted(set(ver)),
                      "num_cached_tokens": cached,
                      "after_boundary": None if first is None or boundary is None else first >= boundary})
-    flagged = [s for s in seqs if s["first_pos"] is not None]
-    seqs.sort(key=lambda s: -s["max_abs_r"])
-    worst = flagged[0] if flagged else None
-    with_boundary = [s for s in flagged if s["version_boundary"] is not None]
-    return {"step": step, "tol": tol,
-            "token": None if worst is None else {"request_id": worst["request_id"], "pos": worst["first_pos"]},
-            "flagged": len(flagged), "sequences": len(seqs),
-            "at_or_after_boundary": sum(bool(s["after_boundary"]) for s in with_boundary),
-            "with_boundary": len(with_boundary), "per_sequence": seqs}
+    return _token_summary(step, "r", tol, seqs)
 
 
 # ----------------------------------------------------------------------------- layers

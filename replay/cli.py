@@ -26,6 +26,7 @@ from .schema import SCHEMA_VERSION
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("replay.demo.cli", "run the embedded demo: a tiny real RL run, recorded"),
     "rerun": ("replay.rerun", "re-execute recorded steps under another engine config"),
+    "diagnose": ("replay.diagnose.cli", "where the mismatch comes from and why: backend, trainer, lag"),
     "bisect": ("replay.bisect_cli", "find where a run departs: steps, fixes, tokens, layers"),
     "tui": ("replay.tui_cli", "browse recordings in the terminal UI"),
     "import": ("replay.importers_cli", "turn another tool's logs into a recording"),
@@ -115,7 +116,7 @@ def _add_builtin(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sql", help="run SQL over one or several recordings",
         description="Run a DuckDB query. Tables: events rollouts trainer topk metrics weights "
-                    "rejects replays; views: tokens sequences step_metrics. With several "
+                    "rejects replays reference; views: tokens sequences step_metrics. With several "
                     "recordings each is a schema named after its folder (a.tokens, b.tokens).")
     p.add_argument("args", nargs="+", metavar="PATH [PATH ...] QUERY",
                    help="recording folders, then the query (unless --file gives it)")

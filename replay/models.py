@@ -109,6 +109,22 @@ def recorded_model(recording: str | Path, run_config: dict | None) -> tuple[str 
     return named, found
 
 
+def recording_model(recording: str | Path, run_config: dict | None) -> Path:
+    """The model folder of a recording (see :func:`recorded_model`), or a RecordingError that
+    says how to supply it."""
+    from .errors import RecordingError
+
+    named, found = recorded_model(recording, run_config)
+    if named is None:
+        raise RecordingError(f"{recording}: the run config names no model (run_config['model']); "
+                             "pass model_path= (--model PATH)", "no model")
+    if found is None:
+        raise RecordingError(f"{recording}: the model folder {named} recorded in the run config is not "
+                             "there (looked from the working directory and from the recording's folders); "
+                             "pass model_path= (--model PATH)", "no model")
+    return found
+
+
 def build_model(out_dir: str | Path, size: str = "tiny", seed: int = 0,
                 vocab: Sequence[str] | None = None) -> Path:
     """Write a random-weight Qwen2 checkpoint in HF format to ``out_dir`` and return its path.
@@ -304,10 +320,17 @@ def load_model(path: str | Path, dtype: Any = "float32", device: str = "cpu",
     another kernel when a padding mask is present and moves logprobs by ~0.02).
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     p = _checkpoint_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype(dtype),
-                                                 attn_implementation=attn_implementation)
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()   # a bar per load would flood stderr in loops of loads
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype(dtype),
+                                                     attn_implementation=attn_implementation)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     return model.to(device).eval()
 
 

@@ -307,6 +307,13 @@ class Recorder:
         self._submit("replays", row, _length(logprobs), 256 + 2 * _nbytes(row["logprobs"]))
 
     @_guarded
+    def reference(self, **row: Any) -> None:
+        """One sequence's reference scores (written by :mod:`replay.diagnose.reference`);
+        the fields are the ``reference`` table's columns."""
+        row = {k: cv.snapshot(v) for k, v in row.items()}
+        self._submit("reference", row, _length(row.get("lp_sampler")), 256 + 6 * _nbytes(row.get("lp_sampler")))
+
+    @_guarded
     def metrics(self, *, step: int | None = None, values: dict | None = None, source: str | None = None) -> None:
         """Named scalar metrics of a step, one row each."""
         vals = {k: cv.snapshot_scalar(v) for k, v in values.items()} if isinstance(values, dict) else values

@@ -49,6 +49,7 @@ class _Member:
     streams: dict = field(default_factory=dict)  # open segments read so far (see StreamCache)
     fs: Any = None                              # pyarrow.fs filesystem holding it; None: local folder
     nbytes: int = 0                             # bytes under it, counted while listing (fs only)
+    store: Any = None                           # its WeightStore, once weights are read
 
     def status(self) -> str:
         if self.salvage is not None and self.salvage.in_memory and self.salvage.ranks:
@@ -191,6 +192,10 @@ class Recording:
         """Folder of the first recording."""
         return self._members[0].root
 
+    def run_config(self, name: str | None = None) -> dict:
+        """The run config of one recording (the first unless ``name`` is given), from its manifest."""
+        return dict(self._member(name).manifest.get("run_config") or {})
+
     @property
     def salvaged(self) -> bool:
         """True when any recording opened here is (or was just) salvaged."""
@@ -322,8 +327,10 @@ class Recording:
             raise RecordingError(f"weight blobs of {m.root} are read from local folders only: copy "
                                  f"{m.root}/weights to a local recording to load version {version}",
                                  "weights not local")
-        from .weights import WeightStore
-        return WeightStore(m.root).load(row["blob"], row["sha256"], framework=framework)
+        if m.store is None:
+            from .weights import WeightStore
+            m.store = WeightStore(m.root)   # kept: it remembers the versions it read (delta chains)
+        return m.store.load(row["blob"], row["sha256"], framework=framework)
 
     def close(self) -> None:
         """Close the connection (safe to call twice)."""

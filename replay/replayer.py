@@ -125,20 +125,12 @@ class Replayer:
         self.engine_calls = 0                   # generate() / generate_groups() calls made, all configs
 
     def _model_path(self) -> Path:
-        from .models import recorded_model
+        from .models import recording_model
 
-        named, found = recorded_model(self.path, self.rec.info().get("run_config"))
-        if named is None:
-            raise RecordingError(f"{self.path}: the run config names no model (run_config['model']); "
-                                 "pass model_path= (--model PATH) to replay it", "cannot replay")
-        if found is None:
-            raise RecordingError(f"{self.path}: the model folder {named} recorded in the run config is not "
-                                 "there (looked from the working directory and from the recording's folders); "
-                                 "pass model_path= (--model PATH)", "cannot replay")
-        return found
+        return recording_model(self.path, self.rec.run_config())
 
     def recorded_config(self) -> EngineConfig:
-        cfg = (self.rec.info().get("run_config") or {}).get("engine", {}).get("config")
+        cfg = (self.rec.run_config().get("engine") or {}).get("config")
         if not cfg:
             raise RecordingError(f"{self.path}: the run config holds no engine config", "cannot replay")
         return EngineConfig.from_dict(cfg)

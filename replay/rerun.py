@@ -33,18 +33,24 @@ def config_from_args(args, recorded):
     return cfg
 
 
-def parse_steps(text: str) -> list[int]:
-    """``"3"``, ``"2-5"`` or ``"1,4,7-9"``."""
+def parse_steps(text: str, flag: str = "--step") -> list[int]:
+    """``"3"``, ``"2-5"`` or ``"1,4,7-9"``: steps >= 0, ranges low to high, both ends given."""
     from .errors import BadInput
 
     out: list[int] = []
-    try:
-        for part in text.split(","):
-            a, _, b = part.partition("-")
-            out += list(range(int(a), int(b) + 1)) if b else [int(a)]
-    except ValueError:
-        raise BadInput(f"--step takes N, A-B, a comma list or all, not {text!r}", field="step") from None
-    return out
+    for part in str(text).split(","):
+        a, dash, b = part.strip().partition("-")
+        try:
+            lo = int(a)
+            hi = int(b) if dash else lo
+        except ValueError:
+            raise BadInput(f"{flag} takes N, A-B or a comma list of them (steps >= 0), not {text!r}",
+                           field=flag.lstrip("-")) from None
+        if lo < 0 or hi < lo:
+            raise BadInput(f"{flag} range {part.strip()!r} is empty or negative: write A-B with 0 <= A <= B",
+                           field=flag.lstrip("-"))
+        out += range(lo, hi + 1)
+    return sorted(set(out))
 
 
 def _score_fidelity(f: dict) -> str:

@@ -8,7 +8,7 @@ A recording is a directory::
       rank-0000.lock                    held (flock) by rank 0's writer for its whole life
       rollouts/rank-0000/part-00000.arrow     closed segment: Arrow IPC file (random access)
       rollouts/rank-0000/part-00001.arrows    open segment: Arrow IPC stream (survives kill -9)
-      events/ trainer/ topk/ metrics/ weights/ rejects/ replays/   the same, one folder per table
+      events/ trainer/ topk/ metrics/ weights/ rejects/ replays/ reference/   one folder per table
       weights/blobs/<sha256>.zst              weight blobs (replay.weights)
 
 Every table carries ``rank`` and ``time_ns`` besides its key columns, so rows of
@@ -131,6 +131,26 @@ _FIELDS: dict[str, list[pa.Field]] = {
         pa.field("logprobs", _lps),                              # replayed logprob per output token
         pa.field("output_ids", _ids),                            # regenerate: replayed tokens
         pa.field("first_diff", pa.int32()),                      # regenerate: first differing position, NULL if none
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("time_ns", pa.int64(), nullable=False),
+    ],
+    # Exact reference scoring of recorded tokens (replay.diagnose.reference, DESIGN §8.1):
+    # fp32, teacher-forced prefill, the stored weights of each token's own version.
+    "reference": [
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("ref_key", pa.string(), nullable=False),        # hash of what the scores depend on
+        pa.field("generation", pa.int64(), nullable=False),      # scoring pass; the highest wins
+        pa.field("token_versions", _vers),                       # the version each token was scored with
+        pa.field("trainer_version", pa.int64()),                 # the trainer's version the *_tr columns use
+        pa.field("lp_sampler", _lps),                            # under the sampler's distribution (T, top-k, top-p)
+        pa.field("lp_tempered", _lps),                           # under logits / T, not truncated
+        pa.field("lp_sampler_tr", _lps),                         # the same two at the trainer's version
+        pa.field("lp_tempered_tr", _lps),
+        pa.field("floor", _lps),                                 # |body dtype - exact| per token; NULL: not sampled
+        pa.field("floor_trainer", _lps),                         # the same in the trainer's dtype, if it differs
+        pa.field("floor_dtype", pa.string()),                    # the body dtype the floor was measured for
+        pa.field("trainer_semantics", pa.string()),              # sampler | untruncated, identified over the run
         pa.field("rank", pa.int32(), nullable=False),
         pa.field("time_ns", pa.int64(), nullable=False),
     ],

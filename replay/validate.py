@@ -38,19 +38,25 @@ LIST_COLUMNS: dict[str, dict[str, tuple[str, bool]]] = {
                  "logprobs": ("float32", True), "token_versions": ("int64", False)},
     "trainer": {"logprobs": ("float32", True), "entropy": ("float32", False)},
     "replays": {"logprobs": ("float32", False), "output_ids": ("int32", False)},
+    "reference": {"token_versions": ("int64", False), "lp_sampler": ("float32", True),
+                  "lp_tempered": ("float32", True), "lp_sampler_tr": ("float32", False),
+                  "lp_tempered_tr": ("float32", False), "floor": ("float32", False),
+                  "floor_trainer": ("float32", False)},
 }
 # columns that must have one value per output token, per table
 SAME_LENGTH: dict[str, tuple[str, ...]] = {
     "rollouts": ("output_ids", "logprobs", "token_versions"),
     "trainer": ("logprobs", "entropy"),
     "replays": ("output_ids", "logprobs"),
+    "reference": ("lp_sampler", "lp_tempered", "token_versions", "lp_sampler_tr", "lp_tempered_tr", "floor",
+                  "floor_trainer"),
 }
 # tables whose (step, request_id) order is checked: a request's steps never go back
 ORDERED_TABLES = ("rollouts", "trainer", "topk")
 # tables whose logprobs may be -inf (a token outside a truncated distribution)
-NEG_INF_OK = ("topk", "replays")
+NEG_INF_OK = ("topk", "replays", "reference")
 ID_COLUMNS = ("prompt_ids", "output_ids")
-LOGPROB_COLUMNS = ("logprobs",)
+LOGPROB_COLUMNS = ("logprobs", "lp_sampler", "lp_tempered", "lp_sampler_tr", "lp_tempered_tr")
 
 # scalar columns per table: name -> (type tag, required); tags checked by _scalar_reason
 SCALARS: dict[str, dict[str, tuple[str, bool]]] = {
@@ -70,6 +76,9 @@ SCALARS: dict[str, dict[str, tuple[str, bool]]] = {
     "replays": {"step": ("step", True), "request_id": ("str", True), "engine_config": ("str", True),
                 "config": ("str", False), "engine": ("str", False), "mode": ("str", True),
                 "replay_id": ("str", True), "first_diff": ("count", False)},
+    "reference": {"step": ("step", True), "request_id": ("str", True), "ref_key": ("str", True),
+                  "generation": ("count", True), "trainer_version": ("int", False),
+                  "floor_dtype": ("str", False), "trainer_semantics": ("str", False)},
 }
 
 

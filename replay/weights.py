@@ -17,6 +17,7 @@ array holding the raw bfloat16 bits (numpy has no bfloat16).
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -201,6 +202,11 @@ class WeightStore:
         self._last: tuple[str, bytes] | None = None
         self._cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True,
                                               write_content_size=True, threads=0)
+        # verified bytes of versions read, newest last, within read_cache_bytes: reading
+        # consecutive versions of a delta chain then decompresses one blob each
+        self.read_cache_bytes = 256 << 20
+        self._read: "collections.OrderedDict[str, bytes]" = collections.OrderedDict()
+        self._read_lock = threading.Lock()   # its own: put() reads bases while holding _lock
 
     # ---- write
     def put(self, state_dict: Mapping[str, Any], *, base_sha256: str | None = None) -> dict:
@@ -233,7 +239,7 @@ class WeightStore:
                 elif self._last is not None and self._last[0] == base_sha256:
                     base_data = self._last[1]
                 else:
-                    base_data = self.load_bytes(base_blob, base_sha256)
+                    base_data = self.load_bytes(base_blob, base_sha256, remember=False)
                 if base_data is not None and len(base_data) != len(data):
                     fallback = (f"base {base_sha256[:12]} has {len(base_data)} bytes, this "
                                 f"version {len(data)}: stored in full")
@@ -305,13 +311,20 @@ class WeightStore:
             raise RecordingError(f"weight blob {blob!r} is corrupt or truncated: cannot "
                                  f"decompress it ({e})", field="blob") from e
 
-    def load_bytes(self, blob: str, sha256: str) -> bytes:
-        """The verified safetensors bytes of version ``sha256`` stored in ``blob``."""
+    def load_bytes(self, blob: str, sha256: str, *, remember: bool = True) -> bytes:
+        """The verified safetensors bytes of version ``sha256`` stored in ``blob`` (kept in the read
+        cache with ``remember``, so the next version of a delta chain decompresses one blob)."""
         self._resolve(blob)  # refuse paths outside the recording before anything else
         chain: list[tuple[str, str]] = []  # (blob, sha) from the asked version to a full one
         seen: set[str] = set()
         cur_blob, cur_sha = blob, sha256
+        data = b""
         while True:
+            with self._read_lock:
+                hit = self._read.get(cur_sha)
+            if hit is not None:   # a version already read and verified: the chain starts from it
+                data = hit
+                break
             chain.append((cur_blob, cur_sha))
             seen.add(cur_sha)
             m = _BLOB_NAME.match(PurePosixPath(cur_blob.replace("\\", "/")).name)
@@ -330,10 +343,9 @@ class WeightStore:
                                      f"{base_sha}, which is missing from {self.blobs}",
                                      field="blob")
             cur_blob, cur_sha = base_blob, base_sha
-        data = b""
         for i, (b, sha) in enumerate(reversed(chain)):
             payload = self._decompress(b, self._resolve(b))
-            if i > 0:
+            if i > 0 or data:
                 if len(payload) != len(data):
                     raise RecordingError(f"weight blob {b!r} is a delta of {len(payload)} "
                                          f"bytes against a base of {len(data)}", field="blob")
@@ -343,7 +355,16 @@ class WeightStore:
                 raise RecordingError(f"weight blob {b!r} should hold version {sha} but its "
                                      f"content hashes to {got}", field="blob")
             data = payload
+            if remember:
+                self._remember(sha, data)
         return data
+
+    def _remember(self, sha: str, data: bytes) -> None:
+        with self._read_lock:
+            self._read[sha] = data
+            self._read.move_to_end(sha)
+            while self._read and sum(map(len, self._read.values())) > self.read_cache_bytes:
+                self._read.popitem(last=False)
 
     def chain_depth(self, blob: str) -> int:
         """How many deltas lie between ``blob`` and its full base (0 for a full blob)."""

@@ -77,6 +77,13 @@ class SequenceTokens:
     n_prompt: int = 0                    # prompt length
     num_cached: int | None = None        # prompt tokens served from the prefix cache
     text: list[str] | None = None        # each token as text, when the run's tokenizer is at hand
+    # the decomposition of r per token (e_backend, semantics, lag, e_trainer), where the run's
+    # reference is stored (replay diagnose); empty otherwise
+    components: dict[str, list[float | None]] = field(default_factory=dict)
+
+    def values(self, colour_by: str) -> list[float | None]:
+        """The per-token values the token view colours by: ``r`` or a component."""
+        return self.log_ratio if colour_by == "r" else self.components.get(colour_by, [None] * len(self.token_id))
 
     def boundaries(self) -> list[int]:
         """Positions where the weight version that produced the tokens changes."""
@@ -101,6 +108,22 @@ class TokenDetail:
     text: str | None = None                                                      # the token as text
     replays: list[tuple[str, str, float | None]] = field(default_factory=list)  # (config, engine, lp)
     topk: dict[str, list[tuple[int, float]]] = field(default_factory=dict)       # source -> [(id, lp)]
+    components: dict[str, float | None] = field(default_factory=dict)           # e_backend, ... at the token
+
+
+# the columns of the tokens view the token view can colour by, after r
+COLOUR_BY = ("r", "e_backend", "e_trainer", "lag", "semantics")
+
+
+@dataclass
+class Components:
+    """Per step, the mean |.| of each part of the mismatch (from the stored reference)."""
+
+    step: list[int]
+    e_backend: list[float | None]
+    e_trainer: list[float | None]
+    lag: list[float | None]
+    semantics: list[float | None]
 
 
 def config_label(config_json: str | None, config_id: str) -> str:
@@ -137,6 +160,8 @@ class Workspace:
         names = [RUN, REF][:len(paths)]
         self.rec = open_recording(paths, names=names)
         self._lock = threading.Lock()   # the main connection: refresh and making cursors
+        self._idle = threading.Condition(self._lock)   # notified when a cursor closes
+        self._cursors = 0               # cursors in use by worker threads
         self.generation = 0             # bumped by each refresh
         self._steps: dict = {}          # (generation, step) -> (rollouts, trainer) tables
         self._extras: dict = {}         # (generation, step, request_id) -> (replays, top-k)
@@ -146,8 +171,13 @@ class Workspace:
     def has_ref(self) -> bool:
         return self.ref_path is not None
 
-    def close(self) -> None:
+    def close(self, wait: float = 10.0) -> None:
+        """Close the connection once the cursors in use are closed (a query of a worker still
+        running after ``wait`` seconds is interrupted)."""
         with self._lock:
+            if not self._idle.wait_for(lambda: self._cursors == 0, timeout=wait):
+                self.rec.connection.interrupt()
+                self._idle.wait_for(lambda: self._cursors == 0, timeout=wait)
             self.rec.close()
 
     @contextlib.contextmanager
@@ -155,10 +185,14 @@ class Workspace:
         """A fresh cursor for the calling thread, closed afterwards."""
         with self._lock:
             cur = self.rec.cursor()
+            self._cursors += 1
         try:
             yield cur
         finally:
             cur.close()
+            with self._lock:
+                self._cursors -= 1
+                self._idle.notify_all()
 
     def status(self) -> str:
         """The run's status now: complete, recording (live) or salvaged."""
@@ -202,6 +236,30 @@ class Workspace:
         if step is None:
             evidence["reason"] = found.get("reason") or "the run stays within the reference's noise"
         return Onset(None if step is None else int(step), method, evidence)
+
+    # ---------------------------------------------------------------- diagnosis
+    def components(self) -> Components | None:
+        """Per-step mean |component| of the run from its stored reference; None when the run
+        has none yet (``replay diagnose`` or the timeline's ``d`` stores it)."""
+        with self.cursor() as cur:
+            rows = cur.sql("""SELECT step, avg(abs(e_backend)) FILTER (WHERE isfinite(e_backend)),
+                                     avg(abs(e_trainer)) FILTER (WHERE isfinite(e_trainer)),
+                                     avg(abs(lag)) FILTER (WHERE isfinite(lag)),
+                                     avg(abs(semantics)) FILTER (WHERE isfinite(semantics))
+                              FROM run.tokens WHERE lp_ref IS NOT NULL GROUP BY step ORDER BY step""").fetchall()
+        if not rows:
+            return None
+        cols = list(zip(*rows))
+        return Components([int(s) for s in cols[0]], *[[_f(x) for x in c] for c in cols[1:]])
+
+    def diagnose(self, progress=None) -> dict:
+        """``replay.diagnose.diagnose`` of the run (against the reference when there is one); the
+        reference scores and replays go into the run's recording, then the views are re-read."""
+        from replay.diagnose import diagnose
+
+        res = diagnose(self.run_path, against=self.ref_path, progress=progress)
+        self.refresh()
+        return res
 
     # ---------------------------------------------------------------- step view
     def step_tables(self, step: int):
@@ -262,7 +320,23 @@ class Workspace:
         ratio = [None if a is None or b is None else float(a) - float(b) for a, b in zip(lt, lr)]
         return SequenceTokens(step, request_id, ids, lr, lt, ratio, fit(r.column("token_versions")[i].as_py()),
                               tver, ent, n_prompt=r.column("n_prompt")[i].as_py() or 0,
-                              num_cached=r.column("cached")[i].as_py(), text=self.token_texts(ids))
+                              num_cached=r.column("cached")[i].as_py(), text=self.token_texts(ids),
+                              components=self.token_components(step, request_id, n))
+
+    def token_components(self, step: int, request_id: str, n: int) -> dict[str, list[float | None]]:
+        """The decomposition of one sequence's tokens (empty without a stored reference)."""
+        names = COLOUR_BY[1:]
+        with self.cursor() as cur:
+            rows = cur.sql(f"SELECT pos, {', '.join(names)} FROM run.tokens WHERE step = ? AND request_id = ? "
+                           "AND lp_ref IS NOT NULL ORDER BY pos", params=[step, request_id]).fetchall()
+        if not rows:
+            return {}
+        out: dict[str, list[float | None]] = {c: [None] * n for c in names}
+        for pos, *vals in rows:
+            if 0 <= pos < n:
+                for c, v in zip(names, vals):
+                    out[c][pos] = None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+        return out
 
     def token_texts(self, ids: list[int]) -> list[str] | None:
         """Each token id as visible text (spaces as ␣, newlines as ⏎), or None without a tokenizer.
@@ -323,6 +397,7 @@ class Workspace:
         replays, topk = self.sequence_extras(toks.step, toks.request_id)
         d.replays = [(label, eng, _f(lps[pos]) if pos < len(lps) else None) for label, eng, lps in replays]
         d.topk = topk.get(pos, {})
+        d.components = {k: v[pos] for k, v in toks.components.items() if pos < len(v)}
         return d
 
     # ---------------------------------------------------------------- replays

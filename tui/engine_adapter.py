@@ -121,19 +121,23 @@ def run_replay(req: ReplayRequest, progress: ProgressFn | None = None) -> Replay
 class FixBisection:
     """The answer of ``bisect_fixes``: the minimal fix set and its ablation table."""
 
-    # fix ids that restore parity (None when the bisection did not say)
+    # fix ids that bring the engine to the reference (None when the bisection did not say)
     minimal: list[str] | None
     # column names and rows of the ablation table
     columns: list[str] = field(default_factory=list)
     rows: list[tuple] = field(default_factory=list)
     raw: Any = None
+    explained: bool | None = None                              # False: not explained by the known fixes
+    already_applied: list[str] = field(default_factory=list)   # fixes the recorded config has
+    reason: str | None = None                                  # why not explained
 
 
 # the ablation columns shown first, in this order; the rest follow
-ABLATION_FIRST = ("label", "parity", "mean_abs_log_ratio", "clip_rate", "kl_new_old", "gap_closed")
+ABLATION_FIRST = ("label", "at_floor", "mean_abs_residual", "direction", "exceed", "n_tokens")
 # short names of the fixes in ablation labels (the full ids stay in the "fixes" column)
 SHORT = {"processed_logprobs": "proc", "v0_runtime_defaults": "v0rt",
-         "paused_weight_update": "paused", "fp32_lm_head": "fp32", "cumulative ": "cum "}
+         "paused_weight_update": "paused", "fp32_lm_head": "fp32", "cumulative ": "cum ",
+         "recorded config": "recorded", "all lacking fixes": "all lacking"}
 
 
 def _shorten(label: Any) -> Any:
@@ -161,13 +165,16 @@ def _table_of(ablation: Any) -> tuple[list[str], list[tuple]]:
 
 
 def run_bisect_fixes(req: ReplayRequest, progress: ProgressFn | None = None) -> FixBisection:
-    """Delta-debug the fix set at ``req.step`` with ``replay.bisect.bisect_fixes``."""
+    """Delta-debug, at ``req.step``, the fixes the recording lacks with ``replay.bisect.bisect_fixes``
+    (it starts from the recorded config, whatever preset the panel shows)."""
     fn = _module("replay.bisect", "bisect_fixes")
-    raw = _call(fn, req.path, req.step, engine=req.engine, preset=req.preset, progress=progress)
+    raw = _call(fn, req.path, req.step, engine=req.engine, progress=progress)
     get = raw.get if isinstance(raw, dict) else lambda k, d=None: getattr(raw, k, d)
-    minimal = get("minimal") or get("fixes")
+    minimal = get("fixes")
     cols, rows = _table_of(get("ablation"))
-    return FixBisection(list(minimal) if minimal is not None else None, cols, rows, raw)
+    return FixBisection(list(minimal) if minimal is not None else None, cols, rows, raw,
+                        explained=get("explained"), already_applied=list(get("already_applied") or []),
+                        reason=get("reason"))
 
 
 def bisect_steps(run: Path, against: Path) -> dict | None:

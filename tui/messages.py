@@ -112,3 +112,30 @@ class OnsetFound(Message):
     def __init__(self, onset: Any) -> None:
         super().__init__()
         self.onset = onset
+
+
+class ComponentsLoaded(Message):
+    """Per-step components of the run's mismatch (``data.Components``, or None: no reference stored)."""
+
+    def __init__(self, components: Any) -> None:
+        super().__init__()
+        self.components = components
+
+
+class DiagnosisProgress(Message):
+    """A line of progress of a running diagnosis."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, DiagnosisProgress)
+
+
+class DiagnosisDone(Message):
+    """``replay.diagnose.diagnose``'s result for the run."""
+
+    def __init__(self, result: dict) -> None:
+        super().__init__()
+        self.result = result

@@ -98,3 +98,27 @@ def test_bisect_names_the_onset(demo):
     found = bisect_steps(out / "v1", out / "v0")
     assert found["step"] is not None and found["step"] <= 2
     assert bisect_steps(out / "v1+fixes", out / "v0")["step"] is None
+
+
+def test_diagnose_names_what_each_demo_run_lacks(demo, tmp_path):
+    """On the demo: v1 gets a backend verdict naming its missing fixes; v0 and v1+fixes have a clean
+    backend; the demo trainer's choice not to renormalise over top-p is named with its size."""
+    import shutil
+
+    from replay.diagnose import diagnose
+
+    out, _ = demo
+    got = {}
+    for name in ("v1", "v0", "v1+fixes", "v1+fp32_lm_head"):
+        shutil.copytree(out / name, tmp_path / name)   # diagnose stores its reference in the recording
+        got[name] = diagnose(tmp_path / name)
+    assert got["v1"]["verdict"] == "backend" and got["v1"]["backend"]["fixes"] == list(runner.FIX_IDS)
+    assert got["v1+fp32_lm_head"]["backend"]["already_applied"] == ["fp32_lm_head"]
+    assert got["v1+fp32_lm_head"]["backend"]["fixes"] == ["processed_logprobs", "v0_runtime_defaults",
+                                                          "paused_weight_update"]
+    for name in ("v0", "v1+fixes"):
+        assert got[name]["backend"]["off_floor"] is False and got[name]["verdict"] == "clean", name
+    for res in got.values():
+        sem = res["trainer"]["semantics"]
+        assert sem["name"] == "untruncated" and -0.2 < sem["mean"] < -0.005
+        assert res["trainer"]["causes"] == []

@@ -84,17 +84,27 @@ def test_bisect_steps_by_replay_is_logarithmic(runs):
 
 
 def test_bisect_fixes_finds_a_minimal_set_and_an_ablation(runs):
+    """At step 1 of the demo's v1 (raw logprobs, bf16 head, prefix cache, async, an in-flight
+    update) every fix is needed to bring the engine to the exact reference; each alone lowers the
+    residual but only all of them reach the floor."""
     res = bisect_fixes(runs / "v1", 1, write=False)
-    assert "processed_logprobs" in res["fixes"]
+    assert res["fixes"] == list(FIX_IDS) and res["explained"] is True
     rows = {r["label"]: r for r in res["ablation"]}
-    assert rows["none"]["parity"] is False
-    assert rows[f"cumulative to {FIX_IDS[-1]}"]["parity"] is True
-    minimal = [r for r in res["ablation"] if r["fixes"] == res["fixes"]]
-    assert not minimal or minimal[0]["parity"]
-    # direction agrees with the demo's recorded runs: processed_logprobs closes the most
-    alone = {f: rows[f"only {f}"]["gap_closed"] for f in FIX_IDS}
-    assert max(alone, key=alone.get) == "processed_logprobs"
-    assert alone["processed_logprobs"] > 0.3
+    assert rows["recorded config"]["at_floor"] is False
+    assert rows["all lacking fixes"]["at_floor"] is True
+    assert all(not rows[f"all but {f}"]["at_floor"] for f in FIX_IDS)
+    alone = {f: rows[f"only {f}"]["mean_abs_residual"] for f in FIX_IDS}
+    assert min(alone, key=alone.get) == "processed_logprobs"
+    assert rows["only processed_logprobs"]["direction"] == "down"
+
+
+def test_bisect_fixes_searches_only_what_the_recording_lacks(runs):
+    """v1+fp32_lm_head already has the fp32 head: it is named as applied, never searched."""
+    res = bisect_fixes(runs / "v1+fp32_lm_head", 1, write=False)
+    assert res["already_applied"] == ["fp32_lm_head"]
+    assert "fp32_lm_head" not in res["fixes"] and "fp32_lm_head" not in res["lacking"]
+    assert res["fixes"] == ["processed_logprobs", "v0_runtime_defaults", "paused_weight_update"]
+    assert bisect_fixes(runs / "v1+fixes", 1, write=False)["fixes"] == []
 
 
 def test_ddmin_is_one_minimal():
@@ -110,7 +120,7 @@ def test_ddmin_is_one_minimal():
 
 
 def test_bisect_tokens_points_after_the_update_boundary(runs):
-    res = bisect_tokens(runs / "v1", 1)
+    res = bisect_tokens(runs / "v1", 1, component="r")
     assert res["token"] is not None
     assert res["with_boundary"] > 0
     assert res["at_or_after_boundary"] >= 0.8 * res["with_boundary"]

@@ -37,13 +37,17 @@ def test_bisect_by_steps_names_the_onset_with_evidence(runs, capsys):
 def test_bisect_by_fixes_at_the_onset_reports_a_minimal_set_and_the_ablation(runs, capsys):
     res = run_json(capsys, "bisect", runs / "v1", "--against", runs / "v0", "--by", "fixes")
     assert isinstance(res["step"], int) and set(res["fixes"]) <= set(FIX_IDS) and res["fixes"]
+    assert res["explained"] is True and res["already_applied"] == [] and res["lacking"] == list(FIX_IDS)
     labels = {row["label"] for row in res["ablation"]}
-    assert {"none", *(f"only {f}" for f in FIX_IDS), *(f"all but {f}" for f in FIX_IDS)} <= labels
-    assert all({"fixes", "config_id", "mean_abs_log_ratio", "gap_closed", "parity"} <= set(row)
+    assert {"recorded config", *(f"only {f}" for f in FIX_IDS), *(f"all but {f}" for f in FIX_IDS),
+            "all lacking fixes"} <= labels
+    assert all({"fixes", "config_id", "mean_abs_residual", "direction", "at_floor"} <= set(row)
                for row in res["ablation"])
-    minimal = res["ablation"][-1]
-    assert minimal["label"] == "minimal" and minimal["fixes"] == res["fixes"] and minimal["parity"] is True
-    assert res["ablation"][0]["label"] == "none" and res["ablation"][0]["parity"] is False
+    rows = {row["label"]: row for row in res["ablation"]}
+    minimal = next(r for r in res["ablation"] if r["fixes"] == res["fixes"])
+    assert minimal["at_floor"] is True
+    assert rows["recorded config"]["at_floor"] is False and rows["recorded config"]["direction"] == "same"
+    assert rows["only processed_logprobs"]["direction"] == "down"
 
 
 def test_bisect_by_tokens_and_layers_name_their_finding(runs, capsys):
@@ -92,13 +96,13 @@ def test_ctrl_c_stops_a_long_bisection_cleanly(runs, tmp_path):
     seen = []
     for line in proc.stderr:
         seen.append(line)
-        if sum("replaying step 2" in s for s in seen) == 3:   # two replays done and written
+        if sum("replaying step(s) 2 " in s for s in seen) == 3:   # two replays done and written
             proc.send_signal(signal.SIGINT)
             break
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, "".join(seen) + err
     assert "replay: interrupted" in err and "Traceback" not in err
-    assert "minimal fix set" not in out
+    assert "already applied" not in out
     with open_recording(path) as rec:
         n_req = rec.sql("SELECT count(*) FROM rollouts WHERE step = 2").fetchall()[0][0]
         per_replay = rec.sql("SELECT replay_id, count(*) FROM replays WHERE step = 2 GROUP BY 1").fetchall()

@@ -68,7 +68,8 @@ async def test_timeline_marks_onset_and_matches_sql(run_paths, settle):
         assert tl.step == ONSET_STEP            # the cursor starts at the onset
         plots = list(tl.query(MetricPlot))
         assert [p.metric for p in plots] == ["clip_rate", "kl_new_old", "entropy", "reward",
-                                             "mean_abs_log_ratio"]
+                                             "mean_abs_log_ratio", "components"]
+        assert plots[-1].run == [] and plots[-1].ref == []   # no reference stored: nothing to plot yet
         # every curve equals the core's step_metrics view, for the run and the reference
         for path, side in ((run, "run"), (ref, "ref")):
             for metric in ("clip_rate", "kl_new_old", "entropy", "reward", "mean_abs_log_ratio"):
@@ -400,7 +401,9 @@ async def test_real_replay_from_the_panel_lands_beside_the_recorded_values(demo_
         assert not isinstance(app.screen, ErrorScreen), (app.screen.err_title, app.screen.err_msg)
         ablation = panel.query_one("#ablation", DataTable)
         labels = [str(ablation.get_row_at(i)[0]) for i in range(ablation.row_count)]
-        assert labels[0] == "none" and len(labels) == 1 + 3 * 4 + 1
-        assert labels[1] == "only proc" and labels[-2] == "cum to fp32" and labels[-1] == "minimal"
-        assert [str(c.label) for c in ablation.ordered_columns][:3] == ["label", "parity", "mean_abs_log_ratio"]
-        assert "minimal fix set" in str(panel.query_one("#replay-status", Static).render())
+        # the recorded config, each fix alone, all but each, cumulative to the 2nd and 3rd, all four
+        assert labels[0] == "recorded" and len(labels) == 1 + 4 + 4 + 2 + 1
+        assert labels[1] == "only proc" and labels[-2] == "cum to paused" and labels[-1] == "all lacking"
+        assert [str(c.label) for c in ablation.ordered_columns][:3] == ["label", "at_floor", "mean_abs_residual"]
+        status = str(panel.query_one("#replay-status", Static).render())
+        assert "needs processed_logprobs, v0_runtime_defaults, paused_weight_update, fp32_lm_head" in status

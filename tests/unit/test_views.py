@@ -43,14 +43,16 @@ def test_tokens_view_has_one_row_per_token_with_trainer_columns(known):
         rel = rec.sql("SELECT * FROM tokens ORDER BY step, request_id, pos")
         cols, rows = rel.columns, rel.fetchall()
     assert cols == ["step", "request_id", "pos", "token_id", "lp_rollout", "lp_trainer", "log_ratio",
-                    "weight_version", "trainer_version", "entropy", "rank"]
+                    "weight_version", "trainer_version", "entropy", "rank",
+                    "lp_ref", "e_backend", "semantics", "lag", "e_trainer", "ref_floor"]
+    none = (None,) * 6   # no reference stored yet (replay diagnose stores it)
     assert rows == [
-        (0, "a", 0, 5, -0.5, -0.25, 0.25, 0, 0, 1.0, 0),
-        (0, "a", 1, 6, -0.25, -0.25, 0.0, 0, 0, 2.0, 0),
-        (0, "b", 0, 7, -1.0, None, None, 0, None, None, 0),
-        (1, "c", 0, 8, -0.5, -0.5, 0.0, 0, 1, 0.5, 0),
-        (1, "c", 1, 9, -0.5, -0.25, 0.25, 1, 1, 0.5, 0),
-        (1, "c", 2, 10, -0.5, -1.0, -0.5, 1, 1, 0.5, 0),
+        (0, "a", 0, 5, -0.5, -0.25, 0.25, 0, 0, 1.0, 0) + none,
+        (0, "a", 1, 6, -0.25, -0.25, 0.0, 0, 0, 2.0, 0) + none,
+        (0, "b", 0, 7, -1.0, None, None, 0, None, None, 0) + none,
+        (1, "c", 0, 8, -0.5, -0.5, 0.0, 0, 1, 0.5, 0) + none,
+        (1, "c", 1, 9, -0.5, -0.25, 0.25, 1, 1, 0.5, 0) + none,
+        (1, "c", 2, 10, -0.5, -1.0, -0.5, 1, 1, 0.5, 0) + none,
     ]
 
 
@@ -193,7 +195,12 @@ def test_explain_shows_projection_and_filter_pushed_into_the_arrow_scan(known):
         assert "request_id" in boxes[0] and "output_ids" not in boxes[0], plan
         plan = rec.sql("EXPLAIN SELECT count(*) FROM tokens WHERE step = 1").fetchall()[0][1]
         boxes = _scan_boxes(plan)
-        assert len(boxes) == 2 and all("Filters:" in b and "= 1" in b for b in boxes), plan
+        # rollouts, trainer and the reference filtered by step; the trainer semantics read whole,
+        # two small columns of the reference table
+        filtered = [b for b in boxes if "Filters:" in b and "= 1" in b]
+        assert len(boxes) == 4 and len(filtered) == 3, plan
+        whole = next(b for b in boxes if b not in filtered)
+        assert "trainer_semantics" in whole and "lp_sampler" not in whole, plan
         assert not any("prompt_ids" in b for b in boxes), plan
 
 

@@ -24,23 +24,26 @@ HELP = """\
 | | `o` | jump to the divergence onset |
 | | `enter` | open the step |
 | | `p` | replay panel for the step |
+| | `d` | diagnose: the verdict, and the backend / trainer error per step |
 | step | `↑` `↓` | choose a sequence (its tokens show below) |
 | | `enter` / `tab` | into the tokens; `←` `→` `↑` `↓` move the token cursor |
 | | `w` | the token with the largest \\|r\\| |
 | | `[` `]` / click a header | sort by another column; `f` flips the order |
 | | `,` `.` | previous / next step |
 | | `p` | replay panel |
+| | `c` | colour the tokens by \\|r\\|, e_backend, e_trainer, lag or semantics |
 | replay | `1`–`4` | toggle a fix |
 | | `v` `e` | preset v0/v1, engine reference/vllm |
 | | `r` / `b` | replay the step / bisect the fixes |
 | SQL | `ctrl+enter` `F5` `ctrl+r` | run the query |
 | | `ctrl+↑` `ctrl+↓` / click | query history |
 
-Tokens are coloured by \\|r\\| = \\|lp_trainer − lp_rollout\\|; `┃vN` marks a new
+Tokens are coloured by \\|r\\| = \\|lp_trainer − lp_rollout\\| (or, with `c`, by a part of it:
+r = e_trainer + lag + semantics − e_backend, against an exact reference); `┃vN` marks a new
 weight version inside a sequence; the first line tells how many prompt tokens the
 prefix cache served. Schemas in SQL: `run` (and `ref` when a reference is open);
 views `tokens`, `sequences`, `step_metrics`; tables `rollouts`, `trainer`,
-`topk`, `metrics`, `events`, `replays`.
+`topk`, `metrics`, `events`, `replays`, `reference`.
 """
 
 

@@ -221,6 +221,13 @@ class ReplayScreen(BaseScreen):
         dt.add_columns(*res.columns)
         for row in res.rows:
             dt.add_row(*(cell(v) for v in row))
-        minimal = ", ".join(res.minimal) if res.minimal is not None else "not reported"
-        self._status(f"fix bisection at step {self.step}: minimal fix set {minimal} "
-                     f"(ablation below: proc, v0rt, paused, fp32 are the four fixes)")
+        had = f"has {', '.join(res.already_applied)}; " if res.already_applied else ""
+        if res.explained is False:
+            found = f"NOT EXPLAINED by the known fixes ({res.reason})"
+        elif res.minimal is None:
+            found = "no answer"
+        else:
+            found = f"needs {', '.join(res.minimal) or 'nothing: at the floor'}"
+        self._status(f"fix bisection at step {self.step}: the recording {had}{found} "
+                     f"(ablation below, residual against the exact reference: proc, v0rt, paused, fp32 "
+                     f"are the four fixes)")

@@ -29,6 +29,11 @@ def detail_table(d: data.TokenDetail) -> Table:
     t.add_row("r", fmt_value(d.log_ratio))
     t.add_row("version", f"{d.weight_version} (trainer {d.trainer_version})")
     t.add_row("entropy", fmt_value(d.entropy))
+    if d.components:
+        t.add_row(Text("r = e_trainer + lag", style="underline"), "")
+        t.add_row(Text("   + semantics - e_backend", style="underline"), "")
+        for name in ("e_backend", "semantics", "lag", "e_trainer"):
+            t.add_row(f"  {name}", fmt_value(d.components.get(name)))
     if d.replays:
         t.add_row(Text("replayed lp", style="underline"), "")
         for label, engine, lp in d.replays:
@@ -51,6 +56,7 @@ class StepScreen(BaseScreen):
         Binding("comma", "step(-1)", "prev step"),
         Binding("full_stop", "step(1)", "next step"),
         Binding("p", "replay", "replay"),
+        Binding("c", "colour_by", "colour by"),
     ]
 
     def __init__(self, step: int, steps: list[int] | None = None) -> None:
@@ -62,6 +68,7 @@ class StepScreen(BaseScreen):
         self.detail: data.TokenDetail | None = None
         self.sort_col = 2          # index into the table's columns (mean |r|)
         self.sort_reverse = True
+        self.colour_by = "r"       # what the tokens are coloured by: r or a component (data.COLOUR_BY)
 
     @property
     def ws(self) -> data.Workspace:
@@ -183,8 +190,27 @@ class StepScreen(BaseScreen):
         b = t.boundaries()
         if b:
             info.append(f" · weight version changes at pos {', '.join(map(str, b))}")
-        self.query_one(TokenView).set_tokens(t.text or [str(x) for x in t.token_id], t.log_ratio,
+        if self.colour_by != "r" and not t.components:
+            self.colour_by = "r"
+        self.query_one(TokenLegend).what = self.colour_by
+        self.query_one(TokenView).set_tokens(t.text or [str(x) for x in t.token_id], t.values(self.colour_by),
                                              t.weight_version, info)
+
+    def action_colour_by(self) -> None:
+        """Cycle the tokens' colour: |r|, then each component of the decomposition."""
+        t = self.tokens
+        if t is None:
+            return
+        if not t.components:
+            self.notify("no reference stored for this run: press d on the timeline (or run replay diagnose) "
+                        "to colour by backend error, trainer error, lag", timeout=5)
+            return
+        order = data.COLOUR_BY
+        self.colour_by = order[(order.index(self.colour_by) + 1) % len(order)]
+        view = self.query_one(TokenView)
+        cursor = view.cursor
+        self.on_tokens_loaded(TokensLoaded(t))
+        view.cursor = cursor
 
     @on(TokenView.CursorMoved)
     def _token_moved(self, msg: TokenView.CursorMoved) -> None:

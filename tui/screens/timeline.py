@@ -9,9 +9,11 @@ from textual.containers import Vertical
 from textual.widgets import Footer, Header, Static
 
 from .. import data
-from ..messages import OnsetFound, TimelineLoaded
+from ..messages import ComponentsLoaded, DiagnosisDone, DiagnosisProgress, OnsetFound, TimelineLoaded
 from ..widgets.plot import MetricPlot
 from .base import LIVE_GROUP, ONSET_GROUP, BaseScreen
+
+DIAGNOSE_HINT = "diagnosis: none yet (d: backend, trainer, lag; which fixes)"
 
 
 class TimelineScreen(BaseScreen):
@@ -23,6 +25,7 @@ class TimelineScreen(BaseScreen):
         Binding("o", "onset", "onset"),
         Binding("enter", "open_step", "open step"),
         Binding("p", "replay", "replay"),
+        Binding("d", "diagnose", "diagnose"),
     ]
 
     def __init__(self) -> None:
@@ -32,6 +35,7 @@ class TimelineScreen(BaseScreen):
         self.bisected = None      # the onset replay.bisect found (it wins over the rule's)
         self._onset_stale = False # steps arrived since replay.bisect last looked
         self._live_timer = None
+        self.diagnosis: dict | None = None   # replay.diagnose's result, once run
 
     @property
     def ws(self) -> data.Workspace:
@@ -40,14 +44,64 @@ class TimelineScreen(BaseScreen):
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static("opening…", id="tl-title", classes="title-line")
+        yield Static(DIAGNOSE_HINT, id="tl-diagnosis", classes="status-line")
         with Vertical(id="plots"):
             for metric, label in data.PLOTTED:
                 yield MetricPlot(metric, label, id=f"plot-{metric}")
+            yield MetricPlot("components", "|backend| and |trainer| error", names=("backend", "trainer"),
+                             id="plot-components")
         yield Static("", id="tl-status", classes="status-line")
         yield Footer()
 
     def on_mount(self) -> None:
         self.load()
+        self.load_components()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="components", name="load components")
+    def load_components(self) -> None:
+        self.post_message(ComponentsLoaded(self.ws.components()))
+
+    def on_components_loaded(self, msg: ComponentsLoaded) -> None:
+        c = msg.components
+        plot = self.query_one("#plot-components", MetricPlot)
+        plot.display = c is not None          # shown once the run's reference is stored
+        if c is None:
+            plot.set_data([])
+            return
+        plot.set_data(list(zip(c.step, c.e_backend)), list(zip(c.step, c.e_trainer)))
+
+    # ---------------------------------------------------------------- diagnosis
+    def action_diagnose(self) -> None:
+        if any(w.group == "diagnose" and w.node is self and w.is_running for w in self.app.workers):
+            self.notify("a diagnosis is running", timeout=3)
+            return
+        self.query_one("#tl-diagnosis", Static).update("diagnosis: running…")
+        self.diagnose()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="diagnose", name="diagnose")
+    def diagnose(self) -> None:
+        res = self.ws.diagnose(progress=lambda text: self.post_message(DiagnosisProgress(text)))
+        self.post_message(DiagnosisDone(res))
+
+    def on_diagnosis_progress(self, msg: DiagnosisProgress) -> None:
+        if self.diagnosis is None:
+            self.query_one("#tl-diagnosis", Static).update(f"diagnosis: running… {msg.text}")
+
+    def on_diagnosis_done(self, msg: DiagnosisDone) -> None:
+        self.diagnosis = res = msg.result
+        line = Text("diagnosis: ")
+        style = "bold green" if res["verdict"] == "clean" else "bold red" if res["verdict"] == "unexplained" \
+            else "bold yellow"
+        line.append(res["verdict"], style=style)
+        line.append(f" — {res['summary']}")
+        if res.get("onset_step") is not None:
+            line.append(f" · from step {res['onset_step']}")
+        self.query_one("#tl-diagnosis", Static).update(line)
+        if res.get("onset_step") is not None:
+            for plot in self.query(MetricPlot):
+                if plot.id == "plot-components":
+                    plot.onset = res["onset_step"]
+        self.load_components()
 
     # ---------------------------------------------------------------- loading
     @work(thread=True, exclusive=True, exit_on_error=False, name="load timeline")
@@ -84,7 +138,8 @@ class TimelineScreen(BaseScreen):
         at_old = tl.onset.step in steps and self.index == steps.index(tl.onset.step)
         tl.onset = onset
         for plot in self.query(MetricPlot):
-            plot.onset = onset.step
+            if plot.id != "plot-components":
+                plot.onset = onset.step
         if at_old and onset.step in steps:   # the cursor sat on the rule's onset: follow
             self.index = steps.index(onset.step)
         self._show_cursor()
@@ -114,6 +169,8 @@ class TimelineScreen(BaseScreen):
             plot.set_data(list(zip(tl.run["step"], tl.run[metric])),
                           list(zip(ref.get("step", []), ref.get(metric, []))))
             plot.onset = tl.onset.step
+        if msg.live:
+            self.load_components()
         self._show_cursor()
         self._title()
         live = tl.status == "recording"

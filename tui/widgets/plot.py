@@ -97,10 +97,12 @@ class MetricPlot(Widget):
     cursor: reactive[float | None] = reactive(None)
     onset: reactive[float | None] = reactive(None)
 
-    def __init__(self, metric: str, label: str | None = None, **kw) -> None:
+    def __init__(self, metric: str, label: str | None = None, names: tuple[str, str] = ("run", "ref"),
+                 **kw) -> None:
         super().__init__(**kw)
         self.metric = metric
         self.label = label or metric
+        self.names = names        # what the two series are called in the title
         self.run: list[tuple[float, float]] = []
         self.ref: list[tuple[float, float]] = []
 
@@ -118,11 +120,11 @@ class MetricPlot(Widget):
         t = Text(self.label, style=self.get_component_rich_style("metricplot--title"))
         if self.cursor is not None:
             t.append(f"  step {int(self.cursor)}: ")
-            t.append(f"run {fmt_value(self.value_at(self.run, self.cursor))}",
+            t.append(f"{self.names[0]} {fmt_value(self.value_at(self.run, self.cursor))}",
                      style=self.get_component_rich_style("metricplot--run"))
             if self.ref:
                 t.append("  ")
-                t.append(f"ref {fmt_value(self.value_at(self.ref, self.cursor))}",
+                t.append(f"{self.names[1]} {fmt_value(self.value_at(self.ref, self.cursor))}",
                          style=self.get_component_rich_style("metricplot--ref"))
         return t
 

@@ -1,7 +1,8 @@
-"""The tokens of one sequence, each coloured by its |log ratio|, and a legend.
+"""The tokens of one sequence, each coloured by its |log ratio| (or a component of it), and a legend.
 
 A token's cell shows its id (or its text when a tokenizer decoded it); its
-background is the bucket of ``|r| = |lp_trainer - lp_rollout|``. A ``┃vN`` cell
+background is the bucket of ``|r| = |lp_trainer - lp_rollout|``, or of the component
+of the mismatch the step view colours by (grey: no value, or outside the support). A ``┃vN`` cell
 marks where the weight version that produced the tokens changes; the first line
 says how much of the prompt the prefix cache served. Cursor: arrows, home/end,
 or a click; moving it posts :class:`TokenView.CursorMoved`.
@@ -74,18 +75,20 @@ def layout(token_labels: Sequence[str], buckets: Sequence[int | None], versions:
 
 
 class TokenLegend(Widget):
-    """The |r| colour scale of :class:`TokenView`."""
+    """The colour scale of :class:`TokenView`: of |r|, or of the component it colours by."""
 
     COMPONENT_CLASSES = COMPONENTS
+    what: reactive[str] = reactive("r")   # r, or a component of the decomposition (e_backend, ...)
 
     def render(self) -> Text:
-        t = Text("|r| ")
+        t = Text(f"|{self.what}| ")
         for i, label in enumerate(BUCKET_LABELS):
             t.append(f" {label} ", style=self.get_component_rich_style(f"tokens--r{i}"))
         t.append(" ")
         t.append("┃vN", style=self.get_component_rich_style("tokens--boundary"))
         t.append(" version ")
         t.append("cache", style=self.get_component_rich_style("tokens--cached"))
+        t.append("  c: colour by")
         return t
 
 

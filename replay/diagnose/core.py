@@ -1,0 +1,287 @@
+"""``diagnose()``: where the mismatch of a run comes from, and why (DESIGN §8).
+
+One call scores the reference of the chosen steps (stored in the recording, reused
+next time), splits every token's mismatch exactly into backend error, the trainer's
+deliberate semantics, policy lag and trainer error, tests backend and trainer error
+against the measured floor, finds where each leaves it, replays a window of steps
+to name the fixes the backend needs (or says it is not explained by them), tests the
+objective-side hypotheses on the trainer, and ranks the tokens of the component
+that is off. The result is a JSON-ready dict (the documented API of
+``replay diagnose --format json``):
+
+``verdict``
+    ``clean`` (both at the floor), ``backend``, ``trainer``, ``backend+trainer`` (off,
+    and explained), or ``unexplained`` (a component is off and nothing known explains it).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import BadInput, ReplayError
+from . import components as C
+from .backend import FIX_LAYER, BackendSearch
+from .reference import reference_scores
+from .stats import cusum_onset, floor_test
+
+WINDOW = 3   # steps replayed from the backend's onset (plus the first in-flight update and the step after)
+
+
+def _onset(rows: list, which: str) -> int | None:
+    tests = [getattr(r, which) for r in rows]
+    z = [max(t.z_mean, t.z_tail) if t.at_floor is not None else 0.0 for t in tests]
+    return cusum_onset([r.step for r in rows], z, k=1.0, h=8.0)[0]
+
+
+def backend_window(rows: list, onset: int | None, update_steps: Sequence[int], complete: Sequence[int],
+                   size: int = WINDOW) -> list[int]:
+    """The steps the backend search replays: ``size`` steps from the onset (or the first step off
+    the floor), plus the first step from there with an in-flight weight update and the step after
+    it (where stale prefix-cache KV shows), complete steps only."""
+    off = [r.step for r in rows if r.backend.at_floor is False]
+    start = onset if onset is not None else (min(off) if off else None)
+    if start is None:
+        return []
+    done = sorted(set(complete))
+    window = [s for s in done if s >= start][:size]
+    first_update = min((s for s in update_steps if s >= start), default=None)
+    if first_update is not None:
+        window += [s for s in done if s in (first_update, first_update + 1)]
+    return sorted(set(window))
+
+
+def diagnose(path: str | Path, *, against: str | Path | None = None, steps: Sequence[int] | None = None,
+             window: Sequence[int] | None = None, engine: str = "reference", device: str = "cpu",
+             python: str | None = None, dtype: str | None = None, trainer_dtype: str | None = None,
+             model_path: str | Path | None = None, write: bool = True, layers: bool = True,
+             progress: Callable[[str], None] | None = None) -> dict:
+    """Diagnose the recording at ``path`` over ``steps`` (default: all); see the module doc.
+
+    ``window`` overrides the steps the backend search replays (default :func:`backend_window`).
+    ``dtype`` / ``trainer_dtype`` override the body dtypes the floors stand for.
+    """
+    from ..recording import open_recording
+
+    path = Path(path)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ref = reference_scores(path, steps, dtype=dtype, trainer_dtype=trainer_dtype, device=device, write=write,
+                           model_path=model_path, progress=progress)
+    timings["reference"] = time.perf_counter() - t0
+    tok = C.tokens(ref.seqs, ref.trainer_semantics)
+    floor_b, floor_t = C.floors(ref.seqs)
+    rows = C.per_step(tok, floor_b, floor_t)
+    with open_recording(path) as rec:
+        update_steps = _changing_updates(rec)
+        ended = {s for (s,) in rec.sql("SELECT DISTINCT step FROM events WHERE kind = 'step_end'").fetchall()}
+        stored = sorted(v for v, w in _weights(rec).items() if w)
+    backend_test = floor_test(tok.backend, floor_b)
+    backend_onset = _onset(rows, "backend")
+    backend_off = backend_test.at_floor is False or backend_onset is not None
+
+    out: dict[str, Any] = {
+        "path": str(path), "steps": ref.steps, "engine": engine,
+        "floor": floor_b.mean, "floors": {"backend": {"dtype": ref.body_dtype, "source": ref.body_dtype_source,
+                                                     **floor_b.as_dict()},
+                                         "trainer": {"dtype": ref.trainer_dtype, **floor_t.as_dict()}},
+        "components": _components(tok, backend_test, floor_t),
+        "per_step": [r.as_dict() for r in rows],
+        "notes": list(ref.notes),
+    }
+    # ---------------------------------------------------------------- backend
+    t1 = time.perf_counter()
+    out["backend"] = _backend(path, ref, rows, backend_off, backend_test, backend_onset, window, update_steps,
+                              ended, floor_b, engine=engine, device=device, python=python, write=write,
+                              model_path=model_path, progress=progress)
+    timings["backend"] = time.perf_counter() - t1
+    # ---------------------------------------------------------------- trainer
+    t2 = time.perf_counter()
+    from .scoring import ReferenceScorer
+    from .trainer import trainer_verdict
+
+    def scorer() -> ReferenceScorer:
+        from ..models import recording_model
+        from .reference import _WeightCache
+
+        rec = open_recording(path)
+        folder = Path(model_path) if model_path else recording_model(path, rec.run_config())
+        sc = ReferenceScorer(folder, _WeightCache(rec), device=device)
+        close = sc.close
+
+        def close_all() -> None:
+            close()
+            rec.close()
+        sc.close = close_all
+        return sc
+
+    out["trainer"] = trainer_verdict(ref, tok, floor_t, rows, scorer=scorer, stored=stored, progress=progress)
+    timings["trainer"] = time.perf_counter() - t2
+    # ---------------------------------------------------------------- verdict, onset, tokens, layer
+    out["verdict"], out["summary"] = _verdict(out["backend"], out["trainer"])
+    onsets = [o for o in (out["backend"].get("onset_step"), out["trainer"].get("onset_step")) if o is not None]
+    out["onset_step"] = min(onsets) if onsets else None
+    which = ("backend" if out["backend"]["off_floor"] else
+             "trainer" if out["trainer"].get("off_floor") or out["trainer"]["causes"] else None)
+    out["tokens"] = drill_down(tok, which) if which else []
+    out["layer"] = None
+    if layers and which == "backend" and out["tokens"] and engine == "reference":
+        t3 = time.perf_counter()
+        out["layer"] = _layer(path, out["tokens"][0], out["backend"], device=device)
+        timings["layer"] = time.perf_counter() - t3
+    if against is not None:
+        from ..bisect import bisect_steps
+
+        t4 = time.perf_counter()
+        res = bisect_steps(path, against)
+        out["against"] = {"path": str(against), "onset_step": res["step"], "method": res["method"],
+                          "agrees": res["step"] == out["onset_step"], "evidence": res.get("evidence", [])}
+        timings["against"] = time.perf_counter() - t4
+    timings["total"] = time.perf_counter() - t0
+    out["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    out["scoring"] = {"sequences_scored": ref.scored, "sequences": len(ref.seqs),
+                      "scored_tokens": ref.stats.scored_tokens, "seconds": round(ref.stats.seconds, 3)}
+    return out
+
+
+def _changing_updates(rec: Any) -> list[int]:
+    """Steps with a weight update that changes the weights (the new version's hash differs from
+    the one serving when the step began): where in-flight effects can show."""
+    from .reference import stored_weights
+
+    sha = {v: w["sha256"] for v, w in stored_weights(rec).items()}
+    rows = rec.sql("""
+        SELECT u.step, u.weight_version, s.weight_version FROM events u
+        LEFT JOIN (SELECT step, arg_min(weight_version, seq) AS weight_version FROM events
+                   WHERE kind = 'step_start' GROUP BY step) s USING (step)
+        WHERE u.kind = 'weights_update_start' ORDER BY u.step""").fetchall()
+    return sorted({int(step) for step, new, old in rows
+                   if new is None or old is None or sha.get(new) is None or sha.get(new) != sha.get(old)})
+
+
+def _weights(rec: Any) -> dict[int, bool]:
+    from .reference import stored_weights
+
+    return {v: bool(w["blob"]) for v, w in stored_weights(rec).items()}
+
+
+def _components(tok: C.Tokens, backend_test, floor_t) -> dict:
+    sizes = {c: C.size(tok.component(c)) for c in C.COMPONENTS}
+    r = C.size(tok.r)
+    trainer_test = floor_test(tok.trainer, floor_t)
+    return {
+        "r": r,
+        "backend": {**sizes["backend"], "at_floor": backend_test.at_floor, "test": backend_test.as_dict()},
+        "semantics": sizes["semantics"],
+        "lag": {**sizes["lag"], "tokens_with_lag": int(((tok.trainer_version >= 0)
+                                                       & (tok.trainer_version != tok.version)).sum())},
+        "trainer": {**sizes["trainer"], "at_floor": trainer_test.at_floor, "test": trainer_test.as_dict()},
+        "n_tokens": int(len(tok.r)),
+        "outside_reference_support": int(np.isposinf(tok.backend).sum()),
+    }
+
+
+def _backend(path: Path, ref, rows, off: bool, test, onset, window, update_steps, ended, floor, *, engine, device,
+             python, write, model_path, progress) -> dict:
+    from ..fixes import EngineConfig
+    from ..replayer import Replayer
+
+    base: dict[str, Any] = {"off_floor": off, "onset_step": onset, "explained": None, "fixes": [],
+                            "already_applied": [], "residual": None, "fidelity": None, "ablation": [],
+                            "window": [], "layers": {}, "first_off_floor": next(
+                                (r.step for r in rows if r.backend.at_floor is False), None)}
+    try:
+        with Replayer(path, engine=engine, device=device, python=python, model_path=model_path) as rp:
+            recorded: EngineConfig = rp.recorded_config()
+            base["already_applied"] = list(recorded.fixes_applied())
+            base["recorded_config"] = recorded.to_dict()
+            if not off:
+                base.update(explained=True, residual=test.as_dict())
+                return base
+            steps = sorted(window) if window is not None else backend_window(rows, onset, update_steps, ended)
+            steps = [s for s in steps if s in set(ref.steps)]
+            if not steps:
+                base["reason"] = ("no complete step (with its step_end event) to replay in the window; give "
+                                  "--window with complete steps")
+                return base
+            base["window"] = steps
+            search = BackendSearch(ref, recorded, steps, replayer=rp, floor=floor, write=write, progress=progress)
+            res = search.verdict()
+    except ReplayError as e:
+        base["reason"] = f"the backend search could not run: {e}"
+        return base
+    base.update(res)
+    base["window"] = steps
+    base["layers"] = {f: FIX_LAYER[f] for f in base["fixes"]}
+    return base
+
+
+def _verdict(backend: dict, trainer: dict) -> tuple[str, str]:
+    b_off = backend["off_floor"]
+    t_off = trainer.get("explained") is not None and (
+        trainer.get("off_floor", False) or bool(trainer["causes"]))
+    b_ok = (not b_off) or backend.get("explained") is True
+    t_ok = (not t_off) or trainer.get("explained") is True
+    if not b_ok or not t_ok:
+        parts = []
+        if not b_ok:
+            parts.append("backend: " + (backend.get("reason") or "not explained by the known fixes"))
+        if not t_ok:
+            parts.append("trainer: " + (trainer.get("reason") or "not explained by the objective-side hypotheses"))
+        return "unexplained", "; ".join(parts)
+    kinds = [k for k, off in (("backend", b_off), ("trainer", t_off)) if off]
+    if not kinds:
+        return "clean", "backend and trainer error are at the floor"
+    bits = []
+    if b_off:
+        bits.append("backend needs " + " + ".join(backend["fixes"]) if backend["fixes"] else "backend")
+    if t_off:
+        bits.append("trainer: " + ", ".join(trainer["causes"]))
+    return "+".join(kinds), "; ".join(bits)
+
+
+def drill_down(tok: C.Tokens, component: str, n: int = 10) -> list[dict]:
+    """The ``n`` tokens with the largest |component|, with their version boundary, prefix-cache
+    hit and lag beside them."""
+    vals = tok.component(component)
+    # finite values ranked; a token one side excludes from its support (+-inf) is counted apart
+    key = np.where(np.isfinite(vals), np.abs(vals), -1.0)
+    out = []
+    for i in np.argsort(-key, kind="stable")[:n]:
+        if key[i] < 0:
+            break
+        s = tok.seqs[int(tok.seq[i])]
+        pos = int(tok.pos[i])
+        boundary = next((j for j, v in enumerate(s.versions) if v != s.versions[0]), None)
+        lt = s.lp_trainer
+        out.append({"step": s.step, "request_id": s.request_id, "pos": pos, "token_id": int(s.output_ids[pos]),
+                    "component": component, "value": float(vals[i]),
+                    "lp_rollout": float(s.lp_rollout[pos]), "lp_ref": float(s.lp_sampler[pos]),
+                    "lp_trainer": None if lt is None or np.isnan(lt[pos]) else float(lt[pos]),
+                    "version": int(s.versions[pos]), "trainer_version": s.trainer_version,
+                    "lag": float(tok.lag[i]), "version_boundary": boundary,
+                    "after_boundary": None if boundary is None else pos >= boundary,
+                    "num_cached_tokens": s.num_cached_tokens, "prompt_tokens": len(s.prompt_ids)})
+    return out
+
+
+def _layer(path: Path, token: dict, backend: dict, *, device: str) -> dict | None:
+    """Layer bisection of the worst backend token, between the recorded config and it with every
+    fix it lacks."""
+    from ..bisect import bisect_layers
+
+    lacking = backend.get("lacking") or []
+    if not lacking:
+        return None
+    try:
+        res = bisect_layers(path, token["step"], token["request_id"], token["pos"], fixes=tuple(lacking),
+                            device=device)
+    except (ReplayError, BadInput) as e:
+        return {"layer": None, "error": str(e)}
+    return {"layer": res["layer"], "step": res["step"], "request_id": res["request_id"], "pos": res["pos"],
+            "version": res["version"], "layers": res["layers"], "tol": res["tol"],
+            "note": "hidden states of a plain prefill at the token's version: effects of the decode path "
+                    "(in-flight updates, stale prefix cache, async lag) do not show here, only dtype and "
+                    "logprob-mode differences"}
