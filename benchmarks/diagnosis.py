@@ -10,9 +10,12 @@
    ``unexplained``) and the time. ``--bf16`` adds the same suite with a bfloat16 engine body,
    whose floor is four orders of magnitude higher (see docs/diagnosis.md).
 2. **Reference scoring** against a plain transformers forward + log_softmax over the same
-   tokens, on a demo recording of 32 steps (v1 semantics: every sequence needs its own
-   version and the trainer's): the baseline runs one padded forward per (version, sequences
-   that need it), as the plain way to get the same per-version logprobs; both in this process.
+   tokens: the baseline runs one padded forward per (version, sequences that need it), as the
+   plain way to get the same per-version logprobs; both read the rollouts and the weights from
+   the recording inside their timing, in this process. Twice: on the demo's v1 (32 steps of 64
+   short completions with a 0.3 M-parameter model: per-call overhead dominates), and on a
+   recording with an RL run's proportions (128-token completions, prompts shared by groups of
+   8, a 9.5 M-parameter model: compute dominates).
 3. **diagnose on the demo's v1** (32 steps), end to end, with the default step sampling.
 """
 from __future__ import annotations
@@ -89,7 +92,8 @@ def scenarios(out: Path, seeds: int, bf16: bool, steps: int) -> tuple[int, int]:
 
 
 def reference_vs_baseline(path: Path) -> None:
-    """Reference scoring of every rollout of the recording against the plain per-version forward."""
+    """Reference scoring of every rollout of the recording against the plain per-version forward;
+    both read the rollouts and the weights from the recording inside their timing."""
     import torch
 
     from replay import open_recording
@@ -98,23 +102,20 @@ def reference_vs_baseline(path: Path) -> None:
     from replay.models import load_model, recording_model
 
     with open_recording(path) as rec:
-        seqs = load_sequences(rec, None)
         folder = recording_model(path, rec.run_config())
-        weights = {}
+    load_model(folder)  # warm imports for both
+    # the plain way: one padded forward + log_softmax per version, over the sequences that need it
+    t0 = time.perf_counter()
+    n_base = 0
+    with open_recording(path) as rec, torch.no_grad():
+        seqs = load_sequences(rec, None)
         need: dict[int, list] = {}
         for s in seqs:
             for v in {*map(int, s.versions), *([s.trainer_version] if s.trainer_version is not None else [])}:
                 need.setdefault(v, []).append(s)
-        for v in need:
-            weights[v] = rec.load_weights(v)
-    load_model(folder)  # warm imports
-    # the plain way: one padded forward + log_softmax per version, over the sequences that need it
-    t0 = time.perf_counter()
-    model = load_model(folder, dtype="float32")
-    n_base = 0
-    with torch.no_grad():
+        model = load_model(folder, dtype="float32")
         for v, members in sorted(need.items()):
-            model.load_state_dict({k: x.float() for k, x in weights[v].items()}, strict=False)
+            model.load_state_dict({k: x.float() for k, x in rec.load_weights(v).items()}, strict=False)
             ids, attn, mask = padded_batch([s.prompt_ids for s in members], [s.output_ids for s in members])
             logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float() / members[0].dist.temperature
             torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])
@@ -125,14 +126,54 @@ def reference_vs_baseline(path: Path) -> None:
     t_ref = time.perf_counter() - t0
     n_ref = sum(s.n for s in ref.seqs)
     pairs = sum(len(m) for m in need.values())
-    print(f"\nreference scoring of {len(ref.seqs)} sequences, {n_ref} tokens, {pairs} (sequence, version) pairs")
-    print(f"{'path':<66} {'scored tok':>10} {'seconds':>8} {'tok/s':>9}")
-    print(f"{'reference (sampler + untruncated dists, both versions, floor sample)':<66} {2 * n_ref:>10} "
+    t_score = ref.seconds.get("read", 0.0) + ref.seconds.get("score", 0.0)
+    print(f"\nreference scoring of {len(ref.seqs)} sequences, {n_ref} tokens, {pairs} (sequence, version) pairs; "
+          f"floor measured on {sum(s.floor is not None for s in ref.seqs)} sequences")
+    print(f"{'path':<72} {'scored tok':>10} {'seconds':>8} {'tok/s':>9}")
+    print(f"{'reference: read + both versions, sampler and untruncated distributions':<72} {2 * n_ref:>10} "
+          f"{t_score:>8.2f} {2 * n_ref / t_score:>9.0f}")
+    print(f"{'reference, all of it (+ the floor in the exact dtype, + setup)':<72} {2 * n_ref:>10} "
           f"{t_ref:>8.2f} {2 * n_ref / t_ref:>9.0f}")
-    print(f"{'HF forward + log_softmax per version (baseline)':<66} {n_base:>10} {t_base:>8.2f} "
-          f"{n_base / t_base:>9.0f}")
-    print(f"ratio reference / baseline: {(2 * n_ref / t_ref) / (n_base / t_base):.2f}x  "
-          f"(scored tokens: each token at its own version and at the trainer's)")
+    print(f"{'HF forward + log_softmax per version, read from the recording (baseline)':<72} {n_base:>10} "
+          f"{t_base:>8.2f} {n_base / t_base:>9.0f}")
+    print(f"ratio reference / baseline: {(2 * n_ref / t_score) / (n_base / t_base):.2f}x; with the floor: "
+          f"{(2 * n_ref / t_ref) / (n_base / t_base):.2f}x  (a scored token: one token at one version)")
+
+
+def long_sequences(out: Path, *, steps: int = 3, groups: int = 16, group: int = 8, prompt: int = 96,
+                   output: int = 128, size: str = "small") -> Path:
+    """A recording with an RL run's proportions (long completions, GRPO groups sharing a prompt, an
+    update landing mid-sequence, a one-step-off trainer), written with the Recorder: what
+    reference scoring costs when compute, not per-call overhead, dominates."""
+    import numpy as np
+    import torch
+
+    from replay import Recorder
+    from replay.models import build_model, load_state_dict
+
+    model = build_model(out / f"model-{size}", size=size, seed=0)
+    base = {k: v.float() for k, v in load_state_dict(model).items()}
+    rng = np.random.default_rng(0)
+    gen = torch.Generator().manual_seed(0)
+    path = out / "long"
+    with Recorder(path, run_config={"model": str(model), "engine": {"config": {"dtype": "float32"}}}) as rec:
+        for v in range(steps + 1):
+            sd = {k: x + 0.01 * v * torch.randn(x.shape, generator=gen) for k, x in base.items()}
+            rec.weights(version=v, step=max(v - 1, 0), state_dict=sd, delta=v > 0)
+        system = rng.integers(4, 60, prompt - 32).tolist()
+        for step in range(steps):
+            for g in range(groups):
+                p = system + rng.integers(4, 60, 32).tolist()
+                for i in range(group):
+                    o = rng.integers(4, 60, output).tolist()
+                    cut = int(rng.integers(1, output))
+                    rid = f"{step}-{g}-{i}"
+                    rec.rollout(step=step, request_id=rid, prompt_ids=p, output_ids=o,
+                                logprobs=-rng.uniform(0.01, 3, output), token_versions=[step] * cut + [step + 1] * (output - cut),
+                                temperature=0.7, top_p=0.9)
+                    rec.trainer(step=step, request_id=rid, weight_version=step + 1,
+                                logprobs=-rng.uniform(0.01, 3, output))
+    return path
 
 
 def demo_v1(path: Path) -> None:

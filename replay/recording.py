@@ -50,6 +50,7 @@ class _Member:
     fs: Any = None                              # pyarrow.fs filesystem holding it; None: local folder
     nbytes: int = 0                             # bytes under it, counted while listing (fs only)
     store: Any = None                           # its WeightStore, once weights are read
+    weight_rows: Any = None                     # its weights table, once read (reset by a refresh)
 
     def status(self) -> str:
         if self.salvage is not None and self.salvage.in_memory and self.salvage.ranks:
@@ -129,6 +130,7 @@ class Recording:
         live = {p.stream for ps in parts.values() for p in ps if p.stream is not None}
         m.streams = {k: v for k, v in m.streams.items() if k in live}
         m.scans = {t: scan_table(t, parts[t], m.streams) for t in TABLES}
+        m.weight_rows = None
         for t, scan in m.scans.items():
             self._con.register(self._internal(m.name, t), scan.dataset)
 
@@ -310,10 +312,12 @@ class Recording:
         """The state dict of weight ``version`` (torch tensors, or numpy arrays)."""
         m = self._member(name)
         self._live()
-        table = m.scans["weights"].dataset.to_table(filter=pc.field("version") == int(version))
+        if m.weight_rows is None:   # one row per stored version: read once, not once per load
+            m.weight_rows = m.scans["weights"].dataset.to_table(
+                columns=["version", "sha256", "blob", "path", "time_ns"])
+        table = m.weight_rows.filter(pc.field("version") == int(version))
         if table.num_rows == 0:
-            have = sorted(set(m.scans["weights"].dataset.to_table(columns=["version"])
-                              .column("version").to_pylist()))
+            have = sorted(set(m.weight_rows.column("version").to_pylist()))
             shown = ", ".join(map(str, have[:20])) + (" ..." if len(have) > 20 else "")
             raise RecordingError(f"weight version {version} is not in {m.root} "
                                  f"(versions recorded: {shown or 'none'})", "no such weights")

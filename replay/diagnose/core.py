@@ -108,11 +108,13 @@ def diagnose(path: str | Path, *, against: str | Path | None = None, steps: Sequ
 
         rec = open_recording(path)
         folder = Path(model_path) if model_path else recording_model(path, rec.run_config())
-        sc = ReferenceScorer(folder, _WeightCache(rec), device=device)
+        weights = _WeightCache(rec)
+        sc = ReferenceScorer(folder, weights, prefetch=weights.prefetch, device=device)
         close = sc.close
 
         def close_all() -> None:
             close()
+            weights.close()
             rec.close()
         sc.close = close_all
         return sc

@@ -12,9 +12,10 @@ decode path (:mod:`.scoring`). Four values per token go into the ``reference`` t
 ``lp_sampler_tr`` / ``lp_tempered_tr``
     the same two at the trainer's recorded version.
 
-plus ``floor``: for a sample of sequences (up to :data:`FLOOR_PER_STEP` a step), the
-difference between the reference computed in the run's body dtype and computed exactly
-(float64 for a float32 body, float32 for a bf16 body): the numerics no fix removes
+plus ``floor``: for a sample of sequences (about :data:`FLOOR_TOKENS` tokens from
+:data:`FLOOR_STEPS` steps), the difference between the reference computed in the run's
+body dtype and computed exactly (float64 for a float32 body, float32 for a bf16 body):
+the numerics no fix removes
 (DESIGN §8.3). ``trainer_semantics`` says which of the two distributions the trainer's
 logprobs follow (:func:`replay.diagnose.components.identify_semantics`).
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +42,9 @@ from .scoring import Dist, ReferenceScorer, ScoringStats, Seq
 
 SCORING_VERSION = 1            # bumped when the stored values of a key would change
 REFERENCE_RANK = AUX_RANKS + 1  # the writer rank of reference rows (replays use AUX_RANKS)
-FLOOR_PER_STEP = 8             # sequences per step whose floor is measured, at least ...
-FLOOR_TOTAL = 256              # ... and this many in all, where the steps hold them
+FLOOR_STEPS = 8                # steps the floor is measured at, spread over the run ...
+FLOOR_TOKENS = 1024            # ... on at least this many tokens ...
+FLOOR_SEQUENCES = 16           # ... and sequences, where the steps hold them
 EXACT_OF = {"float32": "float64", "bfloat16": "float32", "float16": "float32"}
 # A trainer that masks tokens outside its support with a large finite fill (torch.finfo.min,
 # -1e9, -1e4) writes logprobs no softmax of realistic logits gives (that needs two logits 1000
@@ -112,6 +115,7 @@ class ReferenceSet:
     trainer_semantics: str                # sampler | untruncated
     scored: int = 0                       # sequences scored now (the rest came from the recording)
     stats: ScoringStats = field(default_factory=ScoringStats)
+    seconds: dict[str, float] = field(default_factory=dict)  # read, score (both versions), floor, write
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -183,7 +187,9 @@ def load_sequences(rec: Any, steps: Sequence[int] | None) -> list[RefSeq]:
 
 
 def _support(lp: np.ndarray) -> np.ndarray:
-    return np.where(lp < OUTSIDE_LP, -np.inf, lp)
+    if lp.size and lp.min() < OUTSIDE_LP:
+        return np.where(lp < OUTSIDE_LP, -np.inf, lp)
+    return lp
 
 
 def stored_weights(rec: Any) -> dict[int, dict]:
@@ -194,17 +200,28 @@ def stored_weights(rec: Any) -> dict[int, dict]:
 
 
 def _floor_sample(seqs: list[RefSeq]) -> set[tuple[int, str]]:
-    """The sequences whose floor is measured: spread over each step (every k-th by request id),
-    at least FLOOR_PER_STEP a step and FLOOR_TOTAL in all where the steps hold that many."""
+    """The sequences whose floor is measured: from FLOOR_STEPS steps spread evenly over the run
+    (fewer versions to load), taken round-robin over those steps (each step's spread by request
+    id) until FLOOR_TOKENS tokens and FLOOR_SEQUENCES sequences, or all there are."""
     by_step: dict[int, list[RefSeq]] = {}
     for s in seqs:
         by_step.setdefault(s.step, []).append(s)
-    per_step = max(FLOOR_PER_STEP, math.ceil(FLOOR_TOTAL / max(1, len(by_step))))
-    out = set()
-    for members in by_step.values():
-        members = sorted(members, key=lambda s: s.request_id)
-        stride = max(1, math.ceil(len(members) / per_step))
-        out |= {(s.step, s.request_id) for s in members[::stride]}
+    steps = sorted(by_step)
+    if len(steps) > FLOOR_STEPS:
+        steps = sorted({steps[round(i * (len(steps) - 1) / (FLOOR_STEPS - 1))] for i in range(FLOOR_STEPS)})
+    queues = []
+    for step in steps:
+        members = sorted(by_step[step], key=lambda s: s.request_id)
+        # every k-th first, then the rest: the first picks of a step spread over its requests
+        stride = max(1, len(members) // 16)
+        queues.append([m for r in range(stride) for m in members[r::stride]])
+    out, tokens = set(), 0
+    while any(queues) and (tokens < FLOOR_TOKENS or len(out) < FLOOR_SEQUENCES):
+        for q in queues:
+            if q:
+                s = q.pop(0)
+                out.add((s.step, s.request_id))
+                tokens += s.n
     return out
 
 
@@ -229,6 +246,7 @@ def reference_scores(path: str | Path, steps: Sequence[int] | None = None, *, dt
     from .components import identify_semantics
 
     path = Path(path)
+    t_start = time.perf_counter()
     with open_recording(path) as rec:
         run_config = rec.run_config()
         body, source = body_dtype_of(run_config, dtype)
@@ -260,6 +278,7 @@ def reference_scores(path: str | Path, steps: Sequence[int] | None = None, *, dt
                 todo.append(s)
         ref = ReferenceSet(path=path, seqs=seqs, body_dtype=body, body_dtype_source=source,
                            trainer_dtype=tr_dtype, trainer_semantics="sampler", scored=len(todo))
+        ref.seconds["read"] = time.perf_counter() - t_start
         if todo:
             folder = Path(model_path) if model_path else recording_model(path, run_config)
             _score(rec, folder, todo, sample, device, ref, progress)
@@ -269,8 +288,10 @@ def reference_scores(path: str | Path, steps: Sequence[int] | None = None, *, dt
                          "default on a GPU (give --dtype to measure another)")
     changed = ref.trainer_semantics != semantics_before
     if write and (todo or changed):
+        t0 = time.perf_counter()
         rows = seqs if changed else todo
         _write(path, rows, keys, generation + 1, ref.trainer_semantics, body)
+        ref.seconds["write"] = time.perf_counter() - t0
     return ref
 
 
@@ -320,24 +341,40 @@ def _fill(s: RefSeq, row: dict) -> None:
 
 class _WeightCache:
     """State dicts by version, the most recent kept within ``budget`` bytes (a big model's
-    versions do not all fit; a small one's do, so a second pass over them loads nothing)."""
+    versions do not all fit; a small one's do, so a second pass over them loads nothing).
+    :meth:`prefetch` reads a version on a background thread while the caller computes (reading
+    a version — decompression, delta, hash check — costs about what scoring with it does)."""
 
     def __init__(self, rec: Any, budget: int = 1 << 30):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.rec, self.budget, self.cache = rec, budget, OrderedDict()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="replay-weights")
+        self._pending: dict[int, Any] = {}
+
+    def prefetch(self, version: int) -> None:
+        if version not in self.cache and version not in self._pending:
+            self._pending[version] = self._pool.submit(self.rec.load_weights, version)
 
     def __call__(self, version: int) -> dict:
         if version in self.cache:
             self.cache.move_to_end(version)
             return self.cache[version][0]
-        sd = self.rec.load_weights(version)
+        pending = self._pending.pop(version, None)
+        sd = pending.result() if pending is not None else self.rec.load_weights(version)
         self.cache[version] = (sd, sum(int(t.numel()) * t.element_size() for t in sd.values()))
         while len(self.cache) > 1 and sum(n for _, n in self.cache.values()) > self.budget:
             self.cache.popitem(last=False)
         return sd
 
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
+
 
 def _score(rec: Any, model_path: Path, todo: list[RefSeq], sample: set, device: str, ref: ReferenceSet, progress: Callable[[str], None] | None) -> None:
-    scorer = ReferenceScorer(model_path, _WeightCache(rec), device=device)
+    weights = _WeightCache(rec)
+    scorer = ReferenceScorer(model_path, weights, prefetch=weights.prefetch, device=device)
     try:
         jobs = []
         for s in todo:
@@ -348,21 +385,26 @@ def _score(rec: Any, model_path: Path, todo: list[RefSeq], sample: set, device: 
                                 [s.trainer_version] * s.n))
         if progress:
             progress(f"reference: {len(todo)} sequences at their own and the trainer's versions")
+        t0 = time.perf_counter()
         values = scorer.score(jobs)
+        ref.seconds["score"] = time.perf_counter() - t0
         for s in todo:
             k = (s.step, s.request_id)
             # Rounded as stored, so a verdict from fresh scores equals one from stored scores.
             s.lp_sampler, s.lp_tempered = map(_f32, values[k + ("tok",)])
             s.lp_sampler_tr, s.lp_tempered_tr = map(_f32, values.get(k + ("tr",), values[k + ("tok",)]))
         sampled = [s for s in todo if (s.step, s.request_id) in sample]
+        t0 = time.perf_counter()
         for dt, attr in ((ref.body_dtype, "floor"), (ref.trainer_dtype, "floor_trainer")):
             if attr == "floor_trainer" and dt == ref.body_dtype:
                 continue
             for s, f in zip(sampled, _measure_floor(scorer, sampled, dt, progress).values()):
                 setattr(s, attr, f.astype(np.float32).astype(np.float64))
+        ref.seconds["floor"] = time.perf_counter() - t0
         ref.stats = scorer.stats
     finally:
         scorer.close()
+        weights.close()
 
 
 def _measure_floor(scorer: ReferenceScorer, seqs: list[RefSeq], dtype: str,

@@ -62,16 +62,18 @@ class Seq:
     dists: Sequence[Dist]        # one logprob array per distribution comes back
     versions: Sequence[int]      # the version of each output token
 
-    def segments(self) -> list[tuple[int, int, int]]:
-        """``(version, start, end)`` runs over the input positions ``[0, P + n - 1)``."""
-        p, n = len(self.prompt_ids), len(self.output_ids)
-        pv = [int(self.versions[0])] * p + [int(self.versions[t + 1]) for t in range(n - 1)]
-        runs, start = [], 0
-        for i in range(1, len(pv) + 1):
-            if i == len(pv) or pv[i] != pv[start]:
-                runs.append((pv[start], start, i))
+    def runs(self) -> list[tuple[int, int, int]]:
+        """``(version, first slot, end slot)`` runs over the input slots: slot -1 is the prompt
+        (computed by the first token's version), slot ``t`` the output token ``t`` fed back (computed
+        by the version of token ``t + 1``, which it predicts). The last run ends at ``n - 1``."""
+        n = len(self.output_ids)
+        slots = [int(self.versions[0])] + [int(self.versions[t + 1]) for t in range(n - 1)]
+        out, start = [], 0
+        for i in range(1, len(slots) + 1):
+            if i == len(slots) or slots[i] != slots[start]:
+                out.append((slots[start], start - 1, i - 1))
                 start = i
-        return runs
+        return out
 
 
 @dataclass
@@ -88,15 +90,18 @@ class ScoringStats:
 class ReferenceScorer:
     """Teacher-forced logprobs of recorded tokens under the stored weights of their versions.
 
-    ``weights(version)`` returns a HF-named state dict. The model runs in ``dtype``
+    ``weights(version)`` returns a HF-named state dict; ``prefetch(version)``, when given, is told
+    the next version a walk needs while it computes with the current one. The model runs in ``dtype``
     (float32 for the reference; float64 or a body dtype to measure the floor); the final
     projection runs in float32 unless ``head_dtype`` says otherwise.
     """
 
-    def __init__(self, model_path: Any, weights: Callable[[int], dict], *, device: str = "cpu",
+    def __init__(self, model_path: Any, weights: Callable[[int], dict], *,
+                 prefetch: Callable[[int], None] | None = None, device: str = "cpu",
                  batch_tokens: int = 16384, head_rows: int = 2048):
         self.model_path = model_path
         self.weights = weights
+        self.prefetch = prefetch
         self.device = device
         self.batch_tokens = batch_tokens   # body positions per forward (bounds activation memory)
         self.head_rows = head_rows         # rows projected and soft-maxed at once (bounds logits memory)
@@ -189,103 +194,111 @@ class ReferenceScorer:
 
     def _walk(self, batches: list[list[list[Seq]]], dtype: str, head_dtype: str | None,
               out: dict[Any, list[np.ndarray]]) -> None:
-        """Run every batch through its version segments in order, all batches together in
-        version order, so each version's weights load once per round."""
+        """Run every batch through its version runs in order, all batches together in version
+        order, so each version's weights load once per round."""
         import torch
 
         from ..trainer import _base_and_head
 
-        states = [{"groups": b, "members": [s for g in b for s in g],
-                   "owner": [gi for gi, g in enumerate(b) for _ in g], "segs": b[0][0].segments(), "k": 0,
-                   "cache": None, "parts": [[] for g in b for _ in g]} for b in batches]
+        states = [_Batch(b) for b in batches]
         while True:
-            pending = [st for st in states if st["k"] < len(st["segs"])]
+            pending = [st for st in states if st.k < len(st.runs)]
             if not pending:
                 break
-            version = min(st["segs"][st["k"]][0] for st in pending)
+            version = min(st.runs[st.k][0] for st in pending)
             base, head = _base_and_head(self._model(version, dtype))
-            for st in (st for st in pending if st["segs"][st["k"]][0] == version):
-                members, (_, start, end) = st["members"], st["segs"][st["k"]]
-                plen = len(members[0].prompt_ids)
-                last_seg = st["k"] == len(st["segs"]) - 1
-                hidden: list[list[Any]] = [[] for _ in members]
-                if st["k"] == 0:   # the distinct prompts once, then the outputs up to the first switch
-                    st["cache"], first = self._prompt(base, [list(g[0].prompt_ids) for g in st["groups"]],
-                                                      st["owner"])
-                    for i in range(len(members)):
-                        hidden[i].append(first[i][None])
-                    start = plen
-                rows = [list(s.output_ids[start - plen:(len(s.output_ids) - 1 if last_seg else end - plen)])
-                        for s in members]
-                if any(rows):
-                    h = self._continue(base, st["cache"], rows, start)
-                    for i, r in enumerate(rows):
-                        hidden[i].append(h[i, :len(r)])
-                # The tokens these positions predict, projected by this version's head.
-                first_tok = start - plen + (1 if st["k"] > 0 else 0)
-                part = [Seq(i, s.prompt_ids, s.output_ids[first_tok:first_tok + sum(len(x) for x in hidden[i])],
-                            s.dists, ()) for i, s in enumerate(members)]
-                vals: dict[Any, list[np.ndarray]] = {}
-                self._project(head, part, [torch.cat(x, 0) for x in hidden], head_dtype, vals)
-                for i in range(len(members)):
-                    st["parts"][i].append(vals[i])
-                st["k"] += 1
+            after = [st.runs[st.k + (st.runs[st.k][0] == version)][0] for st in pending
+                     if st.k + (st.runs[st.k][0] == version) < len(st.runs)]
+            if after and self.prefetch is not None:   # the next version's weights load while this one computes
+                self.prefetch(min(after))
+            for st in (st for st in pending if st.runs[st.k][0] == version):
+                _, ts, te = st.runs[st.k]
+                last = st.k == len(st.runs) - 1
+                m = len(st.members)
+                parts, counts = [], np.zeros(m, np.int64)
+                if ts < 0:   # the distinct prompts, once (left-padded to one width)
+                    parts.append(self._prompt(base, st)[:, None])
+                    counts += 1
+                    ts = 0
+                lens = np.array([max(0, (len(x.output_ids) - 1 if last else te) - ts) for x in st.members])
+                if lens.any():
+                    parts.append(self._continue(base, st, ts, lens))
+                stacked = torch.cat(parts, 1)                       # [members, slots, hidden]
+                valid = np.arange(stacked.shape[1])[None, :] < (counts + lens)[:, None]
+                rows = stacked[torch.from_numpy(valid).to(stacked.device)]   # member by member, in order
+                # slot t predicts token t + 1 (the prompt, token 0), scored by this version's head
+                first_tok = st.runs[st.k][1] + 1
+                self._project(head, st, rows, first_tok, counts + lens, head_dtype)
+                st.k += 1
         for st in states:
-            for s, parts in zip(st["members"], st["parts"]):
-                out[s.key] = [np.concatenate([p[j] for p in parts]) for j in range(len(s.dists))]
+            for i, x in enumerate(st.members):
+                out[x.key] = [np.concatenate([p[j] for p in st.parts[i]]) for j in range(len(x.dists))]
 
-    def _prompt(self, base: Any, prompts: list[list[int]], owner: list[int]) -> tuple[Any, Any]:
-        """Run distinct prompts of one length once; (their KV cache copied to each member,
-        the last prompt position's hidden state of each member)."""
+    def _prompt(self, base: Any, st: "_Batch") -> Any:
+        """Run the batch's distinct prompts once, left-padded to one width, and copy their KV
+        cache to every member; the hidden state of each member's last prompt position."""
         import torch
 
         dev = self._device(base)
-        res = base(input_ids=torch.tensor(prompts, dtype=torch.long, device=dev), use_cache=True)
-        idx = torch.tensor(owner, dtype=torch.long, device=dev)
-        cache = res.past_key_values
-        cache.reorder_cache(idx)
-        self.stats.body_positions += len(prompts) * len(prompts[0])
-        return cache, res.last_hidden_state[:, -1][idx]
+        prompts = [g[0].prompt_ids for g in st.groups]
+        lens = np.array([len(p) for p in prompts])
+        width = int(lens.max())
+        ids = np.zeros((len(prompts), width), np.int64)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = p
+        cols = np.arange(width)[None, :]
+        mask = torch.from_numpy(cols >= (width - lens)[:, None]).to(dev).long()
+        pos = torch.from_numpy(np.maximum(cols - (width - lens)[:, None], 0)).to(dev)
+        res = base(input_ids=torch.from_numpy(ids).to(dev), attention_mask=mask, position_ids=pos, use_cache=True)
+        idx = torch.tensor(st.owner, dtype=torch.long, device=dev)
+        st.cache = res.past_key_values
+        st.cache.reorder_cache(idx)
+        st.mask = mask[idx]
+        st.pos = torch.from_numpy(lens[st.owner]).to(dev)
+        self.stats.body_positions += int(lens.sum())
+        return res.last_hidden_state[:, -1][idx]
 
-    def _continue(self, base: Any, cache: Any, rows: list[list[int]], start: int) -> Any:
-        """Feed each member's ``rows`` (right-padded) at positions from ``start`` on top of
-        ``cache``; the hidden states ``[members, longest, hidden]``."""
+    def _continue(self, base: Any, st: "_Batch", start: int, lens: np.ndarray) -> Any:
+        """Feed each member's output tokens ``start .. start + lens`` (right-padded) after what
+        its cache holds; the hidden states ``[members, longest, hidden]``."""
         import torch
 
         dev = self._device(base)
-        width = max(len(r) for r in rows)
-        ids = torch.zeros((len(rows), width), dtype=torch.long, device=dev)
-        mask = torch.ones((len(rows), start + width), dtype=torch.long, device=dev)
-        for i, r in enumerate(rows):
-            if r:
-                ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, start + len(r):] = 0
-        pos = torch.arange(start, start + width, device=dev).expand(len(rows), -1)
-        self.stats.body_positions += sum(len(r) for r in rows)
-        return base(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                    use_cache=True).last_hidden_state
+        width = int(lens.max())
+        ids = np.zeros((len(lens), width), np.int64)
+        for i, x in enumerate(st.members):
+            ids[i, :lens[i]] = x.output_ids[start:start + lens[i]]
+        new = torch.from_numpy(np.arange(width)[None, :] < lens[:, None]).to(dev).long()
+        st.mask = torch.cat([st.mask, new], 1)
+        pos = st.pos[:, None] + torch.arange(width, device=dev)[None, :]
+        st.pos = st.pos + torch.from_numpy(lens).to(dev)
+        self.stats.body_positions += int(lens.sum())
+        return base(input_ids=torch.from_numpy(ids).to(dev), attention_mask=st.mask, position_ids=pos,
+                    past_key_values=st.cache, use_cache=True).last_hidden_state
 
     @staticmethod
     def _device(base: Any) -> Any:
         return next(base.parameters()).device
 
-    def _project(self, head: Any, members: list[Seq], hidden: list[Any], head_dtype: str | None,
-                 out: dict[Any, list[np.ndarray]]) -> None:
-        """Logprobs of each member's output tokens under each of its distributions, from the
-        hidden states that predict them (one row per output token)."""
+    def _project(self, head: Any, st: "_Batch", rows: Any, first_tok: int, counts: np.ndarray,
+                 head_dtype: str | None) -> None:
+        """Logprobs, under each member's distributions, of the tokens its ``counts`` rows predict
+        (from ``first_tok`` on), appended to its parts."""
         import torch
 
         dev = head.weight.device
-        rows = torch.cat(hidden, 0)
-        tokens = torch.tensor([t for s in members for t in s.output_ids], dtype=torch.long, device=dev)
-        offsets = np.cumsum([0] + [len(s.output_ids) for s in members])
-        dist_rows: dict[Dist, list[int]] = {}
-        for i, s in enumerate(members):
-            for d in s.dists:
-                dist_rows.setdefault(d, []).extend(range(offsets[i], offsets[i + 1]))
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        tokens = np.concatenate([np.asarray(x.output_ids[first_tok:first_tok + c], np.int64)
+                                 for x, c in zip(st.members, counts)])
+        tokens_t = torch.from_numpy(tokens).to(dev)
+        dist_rows: dict[Any, list[np.ndarray]] = {}
+        for i, x in enumerate(st.members):
+            for d in x.dists:
+                dist_rows.setdefault(d, []).append(np.arange(offsets[i], offsets[i + 1]))
         values: dict[Any, np.ndarray] = {}
-        for d, idx in dist_rows.items():
-            sel = torch.tensor(idx, dtype=torch.long, device=dev)
+        for d, parts in dist_rows.items():
+            idx = np.concatenate(parts)
+            sel = torch.from_numpy(idx).to(dev)
             if d is LOGITS:
                 vals = np.full((len(rows), head.weight.shape[0]), np.nan, np.float32)
                 for a in range(0, len(idx), self.head_rows):
@@ -295,11 +308,11 @@ class ReferenceScorer:
                 vals = np.full(len(rows), np.nan)
                 for a in range(0, len(idx), self.head_rows):
                     chunk = sel[a:a + self.head_rows]
-                    vals[idx[a:a + self.head_rows]] = token_logprobs(rows[chunk], head, tokens[chunk], d,
+                    vals[idx[a:a + self.head_rows]] = token_logprobs(rows[chunk], head, tokens_t[chunk], d,
                                                                      head_dtype).cpu().numpy()
             values[d] = vals
-        for i, s in enumerate(members):
-            out[s.key] = [values[d][offsets[i]:offsets[i + 1]].copy() for d in s.dists]
+        for i, x in enumerate(st.members):
+            st.parts[i].append([values[d][offsets[i]:offsets[i + 1]] for d in x.dists])
 
 
 class _Logits:
@@ -337,10 +350,25 @@ def token_logprobs(hidden: Any, head: Any, tokens: Any, dist: Dist, head_dtype: 
 
 
 def _shape(s: Seq) -> tuple:
-    """What sequences must share to run in one batch: the prompt length and the version
-    segments (the last one's end aside: outputs are right-padded)."""
-    segs = s.segments()
-    return (len(s.prompt_ids), tuple(segs[:-1]), segs[-1][0], segs[-1][1])
+    """What sequences must share to run in one batch: their version runs (the last one's end
+    aside: outputs are right-padded; prompts of any length are left-padded)."""
+    runs = s.runs()
+    return (tuple(runs[:-1]), runs[-1][0], runs[-1][1])
+
+
+class _Batch:
+    """Groups (sequences sharing a prompt) of one shape walking their runs together."""
+
+    def __init__(self, groups: list[list[Seq]]):
+        self.groups = groups
+        self.members = [s for g in groups for s in g]
+        self.owner = [gi for gi, g in enumerate(groups) for _ in g]
+        self.runs = groups[0][0].runs()
+        self.k = 0                  # the run to compute next
+        self.cache: Any = None      # the KV cache of every member
+        self.mask: Any = None       # attention mask over what the cache holds [members, length]
+        self.pos: Any = None        # each member's next position
+        self.parts: list[list] = [[] for _ in self.members]   # logprobs per run, per member
 
 
 def _tied(model: Any, name: str) -> bool:
