@@ -142,7 +142,7 @@ class BackendSearch:
     def verdict(self) -> dict:
         recorded_vs_ref, fidelity = self._run(())
         out: dict[str, Any] = {"steps": self.steps, "already_applied": self.applied, "lacking": self.lacking,
-                               "fidelity": _fidelity(fidelity), "fixes": [], "explained": False,
+                               "within_floor": [], "fidelity": _fidelity(fidelity), "fixes": [], "explained": False,
                                "residual": None, "ablation": [], "replays": 0, "worst": []}
         if not fidelity.at_floor:
             out["reason"] = ("the replay under the recorded config does not reproduce the recorded logprobs: "
@@ -161,6 +161,8 @@ class BackendSearch:
             out["fixes"] = [f for f in FIX_IDS if f in minimal]
             out["explained"] = True
             out["residual"] = _residual(self._run(out["fixes"])[0])
+            # lacking, yet not needed to reach the floor: their effect here is within the numerics
+            out["within_floor"] = [f for f in self.lacking if f not in out["fixes"]]
         out["ablation"] = self.ablation(out["fixes"] if out["explained"] else None)
         out["replays"] = self.replays
         return out

@@ -102,6 +102,10 @@ def sections(res: dict) -> list[tuple[str, list[str | tuple[list[str], list[list
         for fix in back.get("fixes") or []:
             if LAYER_OF[fix] == "inference path":
                 inf.append(f"needed: {fix} — {FIX_WHAT[fix]}")
+        if back.get("within_floor"):
+            inf.append(f"also lacking, but their effect on these steps is within the floor of a "
+                       f"{res['floors']['backend']['dtype']} body (not resolved at this precision): "
+                       f"{', '.join(back['within_floor'])}")
         if back.get("explained") is False or back.get("reason"):
             inf.append(f"NOT EXPLAINED: {back.get('reason')}")
             r = back.get("residual")
