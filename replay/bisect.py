@@ -244,7 +244,8 @@ def _tokens_by_r(path: str | Path, step: int, *, tol: float, request_id: str | N
 
 def bisect_layers(path: str | Path, step: int, request_id: str, pos: int, *, preset: str | None = None,
                   fixes: tuple[str, ...] = ("fp32_lm_head",), against: str = "config", tol: float = 1e-6,
-                  engine: str = "reference", device: str = "cpu", python: str | None = None) -> dict:
+                  engine: str = "reference", device: str = "cpu", python: str | None = None,
+                  model_path: str | Path | None = None) -> dict:
     """For one token, the first layer whose hidden state differs beyond ``tol`` between the
     recorded config and another (``preset`` + ``fixes``; or the trainer's HF model with
     ``against="trainer"``). Positions: ``embed``, ``layer.0`` .. ``layer.{L-1}``, ``lm_head``
@@ -258,7 +259,7 @@ def bisect_layers(path: str | Path, step: int, request_id: str, pos: int, *, pre
     from .fixes import apply_fix, resolve
     from .replayer import Replayer, plan_step
 
-    with Replayer(path, engine="reference", device=device) as rp:
+    with Replayer(path, engine="reference", device=device, model_path=model_path) as rp:
         recorded = rp.recorded_config()
         plan = plan_step(rp.rec, step)
         req = next((r for r in plan.requests if r.request_id == request_id), None)

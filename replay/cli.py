@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -201,6 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help(sys.stderr)
         return 2
+    from . import _signals
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, _signals.sigint)
     try:
         return int(func(args) or 0)
     except _Usage as e:
@@ -216,4 +223,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("replay: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        if _signals.received():   # Ctrl-C that a C extension turned into its own error
+            print("replay: interrupted", file=sys.stderr)
+            return 130
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return 0

@@ -399,8 +399,9 @@ def _interrupt_after():
     import signal
     import threading
 
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    from ._signals import holdable
+
+    if threading.current_thread() is not threading.main_thread() or not holdable(signal.getsignal(signal.SIGINT)):
         yield
         return
     held: list[int] = []

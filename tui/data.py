@@ -161,7 +161,7 @@ class Workspace:
         self.rec = open_recording(paths, names=names)
         self._lock = threading.Lock()   # the main connection: refresh and making cursors
         self._idle = threading.Condition(self._lock)   # notified when a cursor closes
-        self._cursors = 0               # cursors in use by worker threads
+        self._cursors: set = set()      # cursors in use by worker threads
         self.generation = 0             # bumped by each refresh
         self._steps: dict = {}          # (generation, step) -> (rollouts, trainer) tables
         self._extras: dict = {}         # (generation, step, request_id) -> (replays, top-k)
@@ -171,27 +171,34 @@ class Workspace:
     def has_ref(self) -> bool:
         return self.ref_path is not None
 
-    def close(self, wait: float = 10.0) -> None:
-        """Close the connection once the cursors in use are closed (a query of a worker still
-        running after ``wait`` seconds is interrupted)."""
+    def close(self, wait: float = 5.0) -> None:
+        """Close the connection once the cursors in use are closed: a worker's query still running
+        after ``wait`` seconds is interrupted (on its own cursor, where the interrupt reaches it)."""
         with self._lock:
-            if not self._idle.wait_for(lambda: self._cursors == 0, timeout=wait):
-                self.rec.connection.interrupt()
-                self._idle.wait_for(lambda: self._cursors == 0, timeout=wait)
-            self.rec.close()
+            if not self._idle.wait_for(lambda: not self._cursors, timeout=wait):
+                for cur in list(self._cursors):
+                    try:
+                        cur.interrupt()
+                    except duckdb.Error:
+                        pass
+                self._idle.wait_for(lambda: not self._cursors, timeout=wait)
+            try:
+                self.rec.close()
+            except duckdb.Error:   # a cursor still busy: the process ends soon; do not crash on the way
+                pass
 
     @contextlib.contextmanager
     def cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A fresh cursor for the calling thread, closed afterwards."""
         with self._lock:
             cur = self.rec.cursor()
-            self._cursors += 1
+            self._cursors.add(cur)
         try:
             yield cur
         finally:
             cur.close()
             with self._lock:
-                self._cursors -= 1
+                self._cursors.discard(cur)
                 self._idle.notify_all()
 
     def status(self) -> str:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..fixes import FIX_IDS, EngineConfig, apply_fix
-from .components import _sub, size
+from .components import _sub
 from .reference import ReferenceSet, RefSeq
 from .stats import Floor, FloorTest, floor_test
 
@@ -150,6 +150,13 @@ class BackendSearch:
             out["worst"] = worst(fidelity, self.by_key, "lp_replay - lp_rollout")
             out["replays"] = self.replays
             return out
+        if recorded_vs_ref.at_floor:   # nothing to explain on these steps: the window missed the error
+            out["reason"] = (f"the replayed steps ({_show(self.steps)}) show no backend error above the floor, "
+                             "so no fix can be named from them")
+            out["explained"] = None
+            out["residual"] = _residual(recorded_vs_ref)
+            out["replays"] = self.replays
+            return out
         full, _ = self._run(self.lacking)
         out["residual"] = _residual(full)
         if not full.at_floor:
@@ -213,5 +220,3 @@ def _show(steps: Sequence[int]) -> str:
     return _ranges(sorted(steps))
 
 
-def backend_sizes(seqs: Sequence[RefSeq]) -> dict:
-    return size(np.concatenate([_sub(s.lp_rollout, s.lp_sampler) for s in seqs]) if seqs else np.zeros(0))

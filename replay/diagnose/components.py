@@ -9,8 +9,10 @@ reference under the trainer's identified semantics::
     e_trainer = lp_trainer    - lp_ref*(v_tr)
     r = lp_trainer - lp_rollout = e_trainer + lag + semantics - e_backend
 
-The same arithmetic as the ``tokens`` view (:func:`replay._views.tokens_sql`), over
-the in-memory reference, so a diagnosis does not go back to SQL per step.
+The arithmetic of the ``tokens`` view (:func:`replay._views.tokens_sql`), over the
+in-memory reference, so a diagnosis does not go back to SQL per step, with two readings
+the view leaves raw: ``-inf - -inf`` (both sides put the token outside the support) is 0,
+and a trainer logprob below :data:`replay.diagnose.reference.OUTSIDE_LP` is ``-inf``.
 """
 from __future__ import annotations
 
@@ -44,8 +46,9 @@ class Tokens:
     trainer_version: np.ndarray  # -1 where not recorded
     seqs: list[RefSeq] = field(default_factory=list)
 
-    def where(self, mask: np.ndarray) -> "Tokens":
-        return Tokens(**{k: (v[mask] if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()})
+    def where(self, index: np.ndarray) -> "Tokens":
+        """The tokens a boolean mask or an index array selects."""
+        return Tokens(**{k: (v[index] if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()})
 
     def component(self, name: str) -> np.ndarray:
         return getattr(self, name)
@@ -151,9 +154,12 @@ def size(x: np.ndarray) -> dict[str, float]:
 
 
 def per_step(tok: Tokens, body: Floor, trainer: Floor) -> list[StepRow]:
+    order = np.argsort(tok.step, kind="stable")
+    steps, starts = np.unique(tok.step[order], return_index=True)
+    ends = np.append(starts[1:], len(order))
     rows = []
-    for step in np.unique(tok.step):
-        t = tok.where(tok.step == step)
+    for step, a, b in zip(steps, starts, ends):
+        t = tok.where(order[a:b])
         rows.append(StepRow(int(step), int(len(t.step)), {c: size(t.component(c)) for c in COMPONENTS},
                             floor_test(t.backend, body), floor_test(t.trainer, trainer)))
     return rows

@@ -25,15 +25,10 @@ from ..errors import BadInput, ReplayError
 from . import components as C
 from .backend import FIX_LAYER, BackendSearch
 from .reference import reference_scores
-from .stats import cusum_onset, floor_test
+from .stats import floor_test
+from .trainer import onset as sequential_onset
 
 WINDOW = 3   # steps replayed from the backend's onset (plus the first in-flight update and the step after)
-
-
-def _onset(rows: list, which: str) -> int | None:
-    tests = [getattr(r, which) for r in rows]
-    z = [max(t.z_mean, t.z_tail) if t.at_floor is not None else 0.0 for t in tests]
-    return cusum_onset([r.step for r in rows], z, k=1.0, h=8.0)[0]
 
 
 def backend_window(rows: list, onset: int | None, update_steps: Sequence[int], complete: Sequence[int],
@@ -42,7 +37,9 @@ def backend_window(rows: list, onset: int | None, update_steps: Sequence[int], c
     the floor), plus the first step from there with an in-flight weight update and the step after
     it (where stale prefix-cache KV shows), complete steps only."""
     off = [r.step for r in rows if r.backend.at_floor is False]
-    start = onset if onset is not None else (min(off) if off else None)
+    # from the first step at or after the onset that is itself off the floor (a CUSUM excursion can
+    # begin on a step that is, alone, at the floor)
+    start = min((s for s in off if onset is None or s >= onset), default=onset)
     if start is None:
         return []
     done = sorted(set(complete))
@@ -79,7 +76,7 @@ def diagnose(path: str | Path, *, against: str | Path | None = None, steps: Sequ
         ended = {s for (s,) in rec.sql("SELECT DISTINCT step FROM events WHERE kind = 'step_end'").fetchall()}
         stored = sorted(v for v, w in _weights(rec).items() if w)
     backend_test = floor_test(tok.backend, floor_b)
-    backend_onset = _onset(rows, "backend")
+    backend_onset = sequential_onset([r.step for r in rows], [r.backend for r in rows])
     backend_off = backend_test.at_floor is False or backend_onset is not None
 
     out: dict[str, Any] = {
@@ -122,7 +119,13 @@ def diagnose(path: str | Path, *, against: str | Path | None = None, steps: Sequ
     out["trainer"] = trainer_verdict(ref, tok, floor_t, rows, scorer=scorer, stored=stored, progress=progress)
     timings["trainer"] = time.perf_counter() - t2
     # ---------------------------------------------------------------- verdict, onset, tokens, layer
-    out["verdict"], out["summary"] = _verdict(out["backend"], out["trainer"])
+    untested = []
+    if backend_test.at_floor is None:
+        untested.append(("backend", "no token with both a rollout logprob and a reference, or no floor measured"))
+    if out["trainer"].get("explained") is None:
+        untested.append(("trainer", "no trainer rows"))
+    out["untested"] = [side for side, _ in untested]
+    out["verdict"], out["summary"] = _verdict(out["backend"], out["trainer"], untested)
     onsets = [o for o in (out["backend"].get("onset_step"), out["trainer"].get("onset_step")) if o is not None]
     out["onset_step"] = min(onsets) if onsets else None
     which = ("backend" if out["backend"]["off_floor"] else
@@ -131,7 +134,7 @@ def diagnose(path: str | Path, *, against: str | Path | None = None, steps: Sequ
     out["layer"] = None
     if layers and which == "backend" and out["tokens"] and engine == "reference":
         t3 = time.perf_counter()
-        out["layer"] = _layer(path, out["tokens"][0], out["backend"], device=device)
+        out["layer"] = _layer(path, out["tokens"][0], out["backend"], device=device, model_path=model_path)
         timings["layer"] = time.perf_counter() - t3
     if against is not None:
         from ..bisect import bisect_steps
@@ -202,11 +205,13 @@ def _backend(path: Path, ref, rows, off: bool, test, onset, window, update_steps
             if not off:
                 base.update(explained=True, residual=test.as_dict())
                 return base
-            steps = sorted(window) if window is not None else backend_window(rows, onset, update_steps, ended)
-            steps = [s for s in steps if s in set(ref.steps)]
+            asked = sorted(window) if window is not None else backend_window(rows, onset, update_steps, ended)
+            steps = [s for s in asked if s in set(ref.steps)]
             if not steps:
-                base["reason"] = ("no complete step (with its step_end event) to replay in the window; give "
-                                  "--window with complete steps")
+                base["reason"] = (f"none of the window's steps ({_steps(asked)}) is among the diagnosed steps "
+                                  f"({_steps(ref.steps)}) with its step_end recorded; give --window with such steps"
+                                  if asked else "no complete step (with its step_end event) to replay from the "
+                                                "onset on; give --window with complete steps")
                 return base
             base["window"] = steps
             search = BackendSearch(ref, recorded, steps, replayer=rp, floor=floor, write=write, progress=progress)
@@ -217,31 +222,46 @@ def _backend(path: Path, ref, rows, off: bool, test, onset, window, update_steps
     base.update(res)
     base["window"] = steps
     base["layers"] = {f: FIX_LAYER[f] for f in base["fixes"]}
+    if res.get("explained") is None and res.get("reason"):
+        off = [r.step for r in rows if r.backend.at_floor is False]
+        base["reason"] += (f"; the backend is off the floor at steps {_steps(off)}: replay some of them with "
+                           "--window" if off else "")
     return base
 
 
-def _verdict(backend: dict, trainer: dict) -> tuple[str, str]:
+def _steps(steps: Sequence[int]) -> str:
+    from .._steps import _ranges
+
+    return _ranges(sorted(steps)) or "none"
+
+
+def _verdict(backend: dict, trainer: dict, untested: list[str]) -> tuple[str, str]:
+    """The overall verdict and a one-line summary; a side that could not be tested is said so, never
+    reported at the floor."""
     b_off = backend["off_floor"]
-    t_off = trainer.get("explained") is not None and (
-        trainer.get("off_floor", False) or bool(trainer["causes"]))
+    t_off = trainer.get("explained") is not None and (trainer.get("off_floor", False) or bool(trainer["causes"]))
     b_ok = (not b_off) or backend.get("explained") is True
     t_ok = (not t_off) or trainer.get("explained") is True
+    not_tested = "; ".join(f"{side} not tested ({why})" for side, why in untested)
     if not b_ok or not t_ok:
         parts = []
         if not b_ok:
             parts.append("backend: " + (backend.get("reason") or "not explained by the known fixes"))
         if not t_ok:
             parts.append("trainer: " + (trainer.get("reason") or "not explained by the objective-side hypotheses"))
-        return "unexplained", "; ".join(parts)
+        return "unexplained", "; ".join(parts + ([not_tested] if not_tested else []))
     kinds = [k for k, off in (("backend", b_off), ("trainer", t_off)) if off]
     if not kinds:
-        return "clean", "backend and trainer error are at the floor"
+        tested = [side for side in ("backend", "trainer") if side not in {s for s, _ in untested}]
+        what = " and ".join(f"{side} error" for side in tested) or "nothing"
+        return "clean", (f"{what} at the floor" if tested else "nothing could be tested") + \
+            (f"; {not_tested}" if not_tested else "")
     bits = []
     if b_off:
         bits.append("backend needs " + " + ".join(backend["fixes"]) if backend["fixes"] else "backend")
     if t_off:
         bits.append("trainer: " + ", ".join(trainer["causes"]))
-    return "+".join(kinds), "; ".join(bits)
+    return "+".join(kinds), "; ".join(bits + ([not_tested] if not_tested else []))
 
 
 def drill_down(tok: C.Tokens, component: str, n: int = 10) -> list[dict]:
@@ -269,7 +289,7 @@ def drill_down(tok: C.Tokens, component: str, n: int = 10) -> list[dict]:
     return out
 
 
-def _layer(path: Path, token: dict, backend: dict, *, device: str) -> dict | None:
+def _layer(path: Path, token: dict, backend: dict, *, device: str, model_path: Any = None) -> dict | None:
     """Layer bisection of the worst backend token, between the recorded config and it with every
     fix it lacks."""
     from ..bisect import bisect_layers
@@ -279,7 +299,7 @@ def _layer(path: Path, token: dict, backend: dict, *, device: str) -> dict | Non
         return None
     try:
         res = bisect_layers(path, token["step"], token["request_id"], token["pos"], fixes=tuple(lacking),
-                            device=device)
+                            device=device, model_path=model_path)
     except (ReplayError, BadInput) as e:
         return {"layer": None, "error": str(e)}
     return {"layer": res["layer"], "step": res["step"], "request_id": res["request_id"], "pos": res["pos"],

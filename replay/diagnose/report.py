@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .._format import table
+from .backend import FIX_LAYER as LAYER_OF
 
-LAYER_OF = {"processed_logprobs": "semantic", "v0_runtime_defaults": "inference path",
-            "paused_weight_update": "inference path", "fp32_lm_head": "inference path"}
 FIX_WHAT = {
     "processed_logprobs": "the engine reports logprobs of the raw logits, not of the distribution it samples "
                           "from (temperature, top-k, top-p)",
@@ -60,6 +59,7 @@ def sections(res: dict) -> list[tuple[str, list[str | tuple[list[str], list[list
         head.append(f"against {a['path']}: the run departs at step {a['onset_step']} (run-vs-run CUSUM); "
                     f"{'agrees' if a['agrees'] else 'differs'}")
     head += [f"note: {n}" for n in res.get("notes", [])]
+    head += [f"not tested: {side}" for side in res.get("untested", [])]
     head.append("")
     head.append(f"r = lp_trainer - lp_rollout: mean {_g(comp['r']['mean'])}, mean |r| {_g(comp['r']['mean_abs'])}"
                 "   (r = e_trainer + lag + semantics - e_backend, per token)")
@@ -87,7 +87,8 @@ def sections(res: dict) -> list[tuple[str, list[str | tuple[list[str], list[list
     if not back["off_floor"]:
         inf.append("backend error at the floor: nothing to fix on the inference path")
     else:
-        inf.append(f"backend error leaves the floor at step {back.get('onset_step', back.get('first_off_floor'))}; "
+        at = back["onset_step"] if back.get("onset_step") is not None else back.get("first_off_floor")
+        inf.append(f"backend error leaves the floor at step {at}; "
                    f"replayed steps {_steps(back.get('window') or [])}")
         if back.get("already_applied"):
             inf.append(f"already applied in the recorded config: {', '.join(back['already_applied'])}")

@@ -21,19 +21,18 @@ async scheduling, no in-flight numerics.
 Speed comes from what a plain forward does not do: sequences sharing a prompt (a GRPO
 group) run it once and copy its KV cache to every member; the final projection and
 the softmax run only at positions that predict an output token, in row chunks (a 150k
-vocabulary never holds a whole batch's logits); sequences are bucketed by prompt
-length, so no prompt is padded.
+vocabulary never holds a whole batch's logits); prompts of one batch are left-padded to
+the longest (batches are cut shortest first, so little is padded).
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from ..errors import BadInput
+from ..errors import BadInput, ReplayError
 
 
 @dataclass(frozen=True)
@@ -111,14 +110,24 @@ class ReferenceScorer:
 
     # ------------------------------------------------------------------ models
     def _model(self, version: int, dtype: str) -> Any:
-        import torch
+        try:
+            import torch
 
-        from ..models import load_model
-
+            from ..models import load_model
+        except ImportError as e:
+            raise ReplayError(f"reference scoring needs torch and transformers ({e}); install the project "
+                              "with its engines extra (pip install -e '.[engines]')", "missing dependency") from e
         model = self._models.get(dtype)
         if model is None:
-            model = load_model(self.model_path, dtype="float32" if dtype == "float64" else dtype,
-                               device=self.device)
+            _check_device(self.device)
+            try:
+                model = load_model(self.model_path, dtype="float32" if dtype == "float64" else dtype,
+                                   device=self.device)
+            except ReplayError:
+                raise
+            except (OSError, ValueError, KeyError, RuntimeError) as e:
+                raise BadInput(f"transformers cannot load the model folder {self.model_path}: "
+                               f"{type(e).__name__}: {' '.join(str(e).split())[:300]}", field="model") from e
             if dtype == "float64":
                 model = model.to(torch.float64)
             self._models[dtype] = model
@@ -126,8 +135,13 @@ class ReferenceScorer:
         if self._loaded[dtype] != version:
             sd = self.weights(version)
             target = next(model.parameters()).dtype
-            missing, unexpected = model.load_state_dict({k: torch.as_tensor(v).to(target) for k, v in sd.items()},
-                                                        strict=False)
+            try:
+                missing, unexpected = model.load_state_dict(
+                    {k: torch.as_tensor(v).to(target) for k, v in sd.items()}, strict=False)
+            except RuntimeError as e:   # shapes that do not fit: weights of another model than this folder's
+                raise BadInput(f"weight version {version} does not fit the model at {self.model_path} "
+                               f"({' '.join(str(e).split())[:300]}); give the run's model with --model",
+                               field="weights") from e
             unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
             if unexpected or [k for k in missing if not _tied(model, k)]:
                 name = (unexpected or missing)[0]
@@ -179,16 +193,18 @@ class ReferenceScorer:
         return out
 
     def _cut(self, groups: list[list[Seq]]) -> Iterable[list[list[Seq]]]:
-        """Groups of one shape cut into batches of about ``batch_tokens`` body positions."""
+        """Groups of one shape, shortest prompt first, cut into batches of about ``batch_tokens``
+        positions: every prompt padded to the batch's longest, and its KV copied to each member."""
         batch: list[list[Seq]] = []
-        size = 0
-        for members in groups:
-            cost = len(members[0].prompt_ids) + sum(len(s.output_ids) for s in members)
-            if batch and size + cost > self.batch_tokens:
+        width = members = outputs = 0
+        for g in sorted(groups, key=lambda g: len(g[0].prompt_ids)):
+            w = max(width, len(g[0].prompt_ids))
+            m, o = members + len(g), outputs + sum(len(s.output_ids) for s in g)
+            if batch and w * (len(batch) + 1 + m) + o > self.batch_tokens:
                 yield batch
-                batch, size = [], 0
-            batch.append(members)
-            size += cost
+                batch, w, m, o = [], len(g[0].prompt_ids), len(g), sum(len(s.output_ids) for s in g)
+            batch.append(g)
+            width, members, outputs = w, m, o
         if batch:
             yield batch
 
@@ -349,6 +365,18 @@ def token_logprobs(hidden: Any, head: Any, tokens: Any, dist: Dist, head_dtype: 
     return torch.log_softmax(z, -1).gather(-1, tokens[:, None])[:, 0].double()
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise BadInput(f"unknown device {device!r} ({e}); use cpu, cuda or cuda:N", field="device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"device {device!r} asked for, but this machine has no CUDA device; use --device cpu",
+                       field="device")
+
+
 def _shape(s: Seq) -> tuple:
     """What sequences must share to run in one batch: their version runs (the last one's end
     aside: outputs are right-padded; prompts of any length are left-padded)."""
@@ -376,7 +404,3 @@ def _tied(model: Any, name: str) -> bool:
     return name == "lm_head.weight" and bool(getattr(model.config, "tie_word_embeddings", False))
 
 
-def finite_mean(x: np.ndarray) -> float:
-    x = np.asarray(x, np.float64)
-    ok = np.isfinite(x)
-    return float(x[ok].mean()) if ok.any() else math.nan

@@ -8,7 +8,9 @@ computed exactly (:mod:`replay.diagnose.reference`). Under the hypothesis that b
 sides of ``c`` are correct computations in that dtype, each side's error is a draw of
 the floor's size, so by the triangle inequality:
 
-* **mean test**: ``E|c| <= KAPPA * E[F]`` with ``KAPPA = 2``. Rejected when the
+* **mean test**: ``E|c| <= KAPPA * E[F]`` with ``KAPPA = 2`` (where one side is the float32
+  reference of a bf16 body, that side is near exact and 2 is a margin for another
+  implementation's bf16 errors being larger than transformers'). Rejected when the
   observed ``mean|c| - KAPPA * mean(F)`` exceeds ``Z`` standard errors (of both means);
 * **tail test**: a token with ``|c| > KAPPA * q(F)`` (``q`` the floor's
   :data:`TAIL_Q` quantile) needs one side's error above ``q``, which happens with

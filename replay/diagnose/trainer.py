@@ -84,7 +84,7 @@ def trainer_verdict(ref: ReferenceSet, tok: Tokens, floor: Floor, rows: Sequence
         return out
     first = out["onset_step"] if out["onset_step"] is not None else min(steps)
     bad_steps = {r.step for r in rows if r.trainer.at_floor is False and r.step >= first} or set(steps)
-    probe = _probe([s for s in have if s.step in bad_steps], ref.seqs[0].dist)
+    probe = _probe([s for s in have if s.step in bad_steps])
     if progress:
         progress(f"trainer: testing {len(HYPOTHESES)} hypotheses on {sum(s.n for s in probe)} tokens")
     tested = _test_all(probe, have, semantics, floor, scorer, set(stored), progress)
@@ -116,7 +116,7 @@ def _on_record(ref: ReferenceSet, tok: Tokens) -> dict:
                                                "values": len(mism[0].trainer_row), "tokens": mism[0].n}}
 
 
-def _probe(seqs: list[RefSeq], dist: Dist) -> list[RefSeq]:
+def _probe(seqs: list[RefSeq]) -> list[RefSeq]:
     """Sequences spread over the steps (round robin), up to PROBE_TOKENS tokens."""
     by_step: dict[int, list[RefSeq]] = {}
     for s in seqs:
@@ -140,35 +140,49 @@ def _cat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
-def _row(hid: str, c: np.ndarray, floor: Floor, **detail: Any) -> dict:
-    t = floor_test(c, floor)
-    return {"id": hid, "at_floor": bool(t.at_floor), "mean_abs_residual": t.mean_abs, "exceed": t.exceed,
-            "n_tokens": t.n, "detail": detail}
+def _row(hid: str, c: np.ndarray, base: np.ndarray, floor: Floor, *, differs: bool = True, **detail: Any) -> dict:
+    """A hypothesis tested on a token set: ``c`` the residual with it, ``base`` without it, on the same
+    tokens. Named (``at_floor``) only when it brings the residual to the floor where the unmodified
+    residual is not, and its estimate ``differs`` from what the sampler or the record already says."""
+    t, b = floor_test(c, floor), floor_test(base, floor)
+    named = bool(t.at_floor) and b.at_floor is False and differs
+    return {"id": hid, "at_floor": named, "mean_abs_residual": t.mean_abs, "exceed": t.exceed, "n_tokens": t.n,
+            "baseline_mean_abs": b.mean_abs, "detail": detail}
 
 
 def _test_all(probe: list[RefSeq], have: list[RefSeq], semantics: str, floor: Floor,
               scorer_factory: Callable[[], ReferenceScorer], stored: set[int],
               progress: Callable[[str], None] | None) -> list[dict]:
     out = []
+
+    def base_of(seqs, cut=None):
+        """The unmodified residual (the trainer against its identified reference) on these tokens."""
+        return _cat([_sub(_aligned(s)[:k], s.star(semantics)[1][:k])
+                     for s, k in ((s, cut(s) if cut else s.n) for s in seqs)])
+
     scorer = scorer_factory()
     try:
-        lt = [_aligned(s) for s in probe]
-        # temperature and truncation: from the logits at the trainer's version
-        vocab_cap = max(1, PROBE_FLOATS // max(1, _vocab(scorer, probe)))
+        # temperature and truncation: from the logits at the trainer's version, on a token-capped head
+        vocab_cap = max(1, PROBE_FLOATS // max(1, _vocab(scorer)))
         head = _first_tokens(probe, min(vocab_cap, PROBE_TOKENS))
-        logits = scorer.score([Seq(i, s.prompt_ids, s.output_ids, [LOGITS], list(s.tr_versions))
-                               for i, s in enumerate(head)]) if head else {}
+        logits = scorer.score([Seq(i, s.prompt_ids, s.output_ids[:k], [LOGITS], list(s.tr_versions[:k]))
+                               for i, (s, k) in enumerate(head)]) if head else {}
         z = [logits[i][0] for i in range(len(head))]
-        out.append(_temperature(head, z, floor))
-        out.append(_truncation(_first_tokens(head, TRUNC_TOKENS), z, semantics, floor))
+        base_head = _cat([_sub(_aligned(s)[:k], s.star(semantics)[1][:k]) for s, k in head])
+        out.append(_temperature(head, z, base_head, floor))
+        trunc = _first_tokens([s for s, _ in head], TRUNC_TOKENS)
+        trunc = [(s, min(k, kk)) for (s, k), (_, kk) in zip(head, trunc)]
+        out.append(_truncation(trunc, z, _cat([_sub(_aligned(s)[:k], s.star(semantics)[1][:k]) for s, k in trunc]),
+                               floor))
         # position shift: the trainer's logprob of token t is the reference's of token t +- 1
         for delta in (1, -1):
-            parts = []
+            parts, base = [], []
             for s in probe:
                 _, star_tr = s.star(semantics)
                 a = _aligned(s)
                 parts.append(_sub(a[:-1], star_tr[1:]) if delta == 1 else _sub(a[1:], star_tr[:-1]))
-            out.append(_row("position_shift", _cat(parts), floor, shift=delta))
+                base.append(_sub(a[:-1], star_tr[:-1]) if delta == 1 else _sub(a[1:], star_tr[1:]))
+            out.append(_row("position_shift", _cat(parts), _cat(base), floor, shift=delta))
         # stale weights: another stored version fits the trainer's logprobs
         for d in (-1, -2, -3, 1):
             cand = [s for s in probe if s.trainer_version is not None and s.trainer_version + d in stored]
@@ -177,21 +191,21 @@ def _test_all(probe: list[RefSeq], have: list[RefSeq], semantics: str, floor: Fl
             res = scorer.score([Seq(i, s.prompt_ids, s.output_ids, [star_dist(s, semantics)],
                                     [s.trainer_version + d] * s.n) for i, s in enumerate(cand)])
             c = _cat([_sub(_aligned(s), res[i][0]) for i, s in enumerate(cand)])
-            out.append(_row("stale_version", c, floor, version_offset=d))
+            out.append(_row("stale_version", c, base_of(cand), floor, version_offset=d))
         # loss mask: rows longer than the outputs, aligned past the extra leading values
         longer = [s for s in probe if len(s.trainer_row) > s.n]
         if longer:
             c = _cat([_sub(s.trainer_row[len(s.trainer_row) - s.n:], s.star(semantics)[1]) for s in longer])
             rest = [s for s in probe if len(s.trainer_row) <= s.n]
             c_rest = _cat([_sub(_aligned(s), s.star(semantics)[1]) for s in rest])
-            out.append(_row("loss_mask", np.concatenate([c, c_rest]), floor,
+            out.append(_row("loss_mask", np.concatenate([c, c_rest]), base_of(longer + rest), floor,
                             rows_longer=len(longer), extra_values=int(np.median([len(s.trainer_row) - s.n
                                                                                 for s in longer]))))
         # head dtype: the trainer's projection in bf16
         res = scorer.score([Seq(i, s.prompt_ids, s.output_ids, [star_dist(s, semantics)], list(s.tr_versions))
                             for i, s in enumerate(probe)], head_dtype="bfloat16")
-        out.append(_row("lm_head_dtype", _cat([_sub(lt[i], res[i][0]) for i in range(len(probe))]), floor,
-                        head_dtype="bfloat16"))
+        out.append(_row("lm_head_dtype", _cat([_sub(_aligned(s), res[i][0]) for i, s in enumerate(probe)]),
+                        base_of(probe), floor, head_dtype="bfloat16"))
     finally:
         scorer.close()
     # one row per hypothesis id: the best-fitting variant
@@ -208,19 +222,21 @@ def _nan_big(x: float) -> float:
     return math.inf if x is None or math.isnan(x) else x
 
 
-def _vocab(scorer: ReferenceScorer, probe: list[RefSeq]) -> int:
+def _vocab(scorer: ReferenceScorer) -> int:
     from ..models import load_config
 
     return int(load_config(scorer.model_path).get("vocab_size") or 1)
 
 
-def _first_tokens(seqs: list[RefSeq], limit: int) -> list[RefSeq]:
+def _first_tokens(seqs: list[RefSeq], limit: int) -> list[tuple[RefSeq, int]]:
+    """(sequence, tokens of it) pairs covering at most ``limit`` tokens (the last one cut to fit)."""
     out, n = [], 0
     for s in seqs:
         if n >= limit:
             break
-        out.append(s)
-        n += s.n
+        k = min(s.n, limit - n)
+        out.append((s, k))
+        n += k
     return out
 
 
@@ -231,14 +247,15 @@ def _lp_tempered(z: np.ndarray, tokens: np.ndarray, t: float) -> np.ndarray:
     return x[np.arange(len(tokens)), tokens] - lse
 
 
-def _temperature(seqs: list[RefSeq], z: list[np.ndarray], floor: Floor) -> dict:
+def _temperature(head: list[tuple[RefSeq, int]], z: list[np.ndarray], base: np.ndarray, floor: Floor) -> dict:
     """The temperature that fits the trainer's logprobs best (no truncation), by golden section on
-    log T over [0.05, 20], with T = 1 (no division at all) tried as well."""
-    if not seqs:
-        return _row("temperature", np.zeros(0), floor)
+    log T over [0.05, 20], with T = 1 (no division at all) tried as well. Named only when it differs
+    from the sampler's by more than 0.1%."""
+    if not head:
+        return _row("temperature", np.zeros(0), np.zeros(0), floor)
     zz = np.concatenate(z)
-    tokens = np.concatenate([np.asarray(s.output_ids) for s in seqs])
-    lt = np.concatenate([_aligned(s) for s in seqs])
+    tokens = np.concatenate([np.asarray(s.output_ids[:k]) for s, k in head])
+    lt = np.concatenate([_aligned(s)[:k] for s, k in head])
     ok = np.isfinite(lt)
 
     def cost(t: float) -> float:
@@ -260,20 +277,22 @@ def _temperature(seqs: list[RefSeq], z: list[np.ndarray], floor: Floor) -> dict:
     t_best = min((math.exp((lo + hi) / 2), 1.0), key=cost)
     c = np.full(len(lt), np.nan)
     c[ok] = lt[ok] - _lp_tempered(zz[ok], tokens[ok], t_best)
-    sampler = sorted({s.dist.temperature for s in seqs})
-    return _row("temperature", c, floor, temperature=round(t_best, 4), sampler_temperature=sampler)
+    sampler = sorted({s.dist.temperature for s, _ in head})
+    differs = all(abs(t_best - t) > 1e-3 * t for t in sampler)
+    return _row("temperature", c, base, floor, differs=differs, temperature=round(t_best, 4),
+                sampler_temperature=sampler)
 
 
-def _truncation(seqs: list[RefSeq], z: list[np.ndarray], semantics: str, floor: Floor) -> dict:
+def _truncation(pairs: list[tuple[RefSeq, int]], z: list[np.ndarray], base: np.ndarray, floor: Floor) -> dict:
     """The top-k / top-p (at the sampler's temperature) that fits the trainer's logprobs best,
     over a grid, the sampler's own settings and no truncation left out (they are semantics)."""
-    if not seqs:
-        return _row("truncation", np.zeros(0), floor)
-    n = sum(s.n for s in seqs)
-    zz = np.concatenate(z[:len(seqs)]).astype(np.float64)
-    tokens = np.concatenate([np.asarray(s.output_ids) for s in seqs])
-    temps = np.concatenate([np.full(s.n, s.dist.temperature if s.dist.temperature >= 1e-5 else 1.0) for s in seqs])
-    lt = np.concatenate([_aligned(s) for s in seqs])
+    if not pairs:
+        return _row("truncation", np.zeros(0), np.zeros(0), floor)
+    n = sum(k for _, k in pairs)
+    zz = np.concatenate([zi[:k] for zi, (_, k) in zip(z, pairs)]).astype(np.float64)
+    tokens = np.concatenate([np.asarray(s.output_ids[:k]) for s, k in pairs])
+    temps = np.concatenate([np.full(k, s.dist.temperature if s.dist.temperature >= 1e-5 else 1.0) for s, k in pairs])
+    lt = np.concatenate([_aligned(s)[:k] for s, k in pairs])
     x = zz / temps[:, None]
     order = np.argsort(-x, axis=1, kind="stable")
     vals = np.take_along_axis(x, order, 1)
@@ -284,7 +303,7 @@ def _truncation(seqs: list[RefSeq], z: list[np.ndarray], semantics: str, floor: 
     mass_before = np.concatenate([np.zeros((n, 1)), np.cumsum(ex, 1)[:, :-1]], 1) / total  # D_r
     lse_prefix = m + np.log(np.cumsum(ex, 1))                                             # lse of the r+1 largest
     vocab = x.shape[1]
-    own = {(s.dist.top_k, s.dist.top_p) for s in seqs}
+    own = {(s.dist.top_k, s.dist.top_p) for s, _ in pairs}
     best = None
     for k in TOP_K_GRID:
         kk = k if 0 < k < vocab else vocab
@@ -299,8 +318,8 @@ def _truncation(seqs: list[RefSeq], z: list[np.ndarray], semantics: str, floor: 
             if best is None or score < best[0]:
                 best = (score, k, p, c)
     if best is None:
-        return _row("truncation", np.zeros(0), floor)
-    return _row("truncation", best[3], floor, top_k=best[1], top_p=best[2],
+        return _row("truncation", np.zeros(0), np.zeros(0), floor)
+    return _row("truncation", best[3], base, floor, top_k=best[1], top_p=best[2],
                 sampler=[{"top_k": k, "top_p": p} for k, p in sorted(own)])
 
 

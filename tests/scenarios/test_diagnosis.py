@@ -193,6 +193,7 @@ def test_without_trainer_rows_the_backend_is_still_diagnosed(llama, tmp_path):
     assert res["verdict"] == "backend" and res["backend"]["fixes"] == ["fp32_lm_head"]
     assert res["trainer"]["explained"] is None and "trainer rows" in res["trainer"]["reason"]
     assert np.isnan(res["components"]["trainer"]["mean"])
+    assert res["untested"] == ["trainer"] and "trainer not tested" in res["summary"]
 
 
 def test_bisect_is_a_view_of_the_diagnosis(recorded):
@@ -241,3 +242,59 @@ def test_markdown_report_links_its_plots(diagnosed, tmp_path):
     assert "## objective" in md and "named: temperature" in md and "![t-components](t-components.png)" in md
     with pytest.raises(BadInput, match=r"\.md or \.html"):
         write_report(diagnosed["clean"], tmp_path / "t.pdf")
+
+
+def test_a_window_that_misses_the_error_names_no_fix(recorded):
+    """Replaying only a step where the fault does not show (no update at step 0, so a concurrent
+    update cannot matter there) must not come out "explained by no fix": it says the window missed."""
+    from replay.diagnose import diagnose
+
+    res = diagnose(recorded["backend:paused_weight_update"], window=[0], write=False)
+    assert res["verdict"] == "unexplained" and res["backend"]["explained"] is None
+    assert res["backend"]["fixes"] == [] and "--window" in res["backend"]["reason"]
+
+
+def test_stored_reference_is_not_reused_for_another_floor_dtype(recorded):
+    """The floor belongs to a dtype: asking for another one recomputes, never reuses the stored floor."""
+    from replay.diagnose.reference import reference_scores
+
+    path = recorded["trainer:position_shift"]
+    fp32 = reference_scores(path)
+    bf16 = reference_scores(path, dtype="bfloat16", write=False)
+    assert bf16.scored == len(bf16.seqs) and bf16.body_dtype == "bfloat16"
+    f32 = np.concatenate([s.floor for s in fp32.seqs if s.floor is not None])
+    f16 = np.concatenate([s.floor for s in bf16.seqs if s.floor is not None])
+    assert np.median(f16[np.isfinite(f16)]) > 100 * np.median(f32[np.isfinite(f32)])
+    assert reference_scores(path, write=False).scored == 0   # the float32 rows still serve
+
+
+def test_one_step_does_not_change_the_runs_trainer_semantics(recorded):
+    from replay.diagnose.reference import reference_scores
+
+    path = recorded["clean"]
+    whole = reference_scores(path)
+    one = reference_scores(path, [2])
+    assert whole.trainer_semantics == one.trainer_semantics == "untruncated"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--device", "cuda:7"], "device"),
+    (["--device", "nonsense"], "device"),
+])
+def test_bad_device_is_one_line(recorded, extra, message):
+    proc = subprocess.run([sys.executable, "-m", "replay", "diagnose", str(recorded["clean"]), "--no-write",
+                           "--dtype", "float16", *extra], capture_output=True, text=True, timeout=300)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and err and "Traceback" not in proc.stderr
+    assert err[-1].startswith("replay: bad input:") and message in err[-1]
+
+
+def test_weights_of_another_model_are_one_line(recorded, tmp_path):
+    """--model pointing at a checkpoint the recorded weights do not fit (a Qwen2, not the Llama)."""
+    from replay.models import build_model
+
+    other = build_model(tmp_path / "qwen", size="tiny", seed=0)
+    proc = subprocess.run([sys.executable, "-m", "replay", "diagnose", str(recorded["clean"]), "--no-write",
+                           "--dtype", "float16", "--model", str(other)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "does not fit" in proc.stderr.strip().splitlines()[-1]

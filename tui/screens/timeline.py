@@ -83,12 +83,21 @@ class TimelineScreen(BaseScreen):
         res = self.ws.diagnose(progress=lambda text: self.post_message(DiagnosisProgress(text)))
         self.post_message(DiagnosisDone(res))
 
+    def on_worker_state_changed(self, event) -> None:
+        """A diagnosis that failed or was cancelled leaves the line as it was before it ran (the
+        failure itself shows in the error modal of BaseScreen)."""
+        from textual.worker import WorkerState
+
+        if event.worker.group == "diagnose" and event.state in (WorkerState.ERROR, WorkerState.CANCELLED):
+            self.query_one("#tl-diagnosis", Static).update(DIAGNOSE_HINT if self.diagnosis is None else
+                                                           self._diagnosis_line(self.diagnosis))
+
     def on_diagnosis_progress(self, msg: DiagnosisProgress) -> None:
         if self.diagnosis is None:
             self.query_one("#tl-diagnosis", Static).update(f"diagnosis: running… {msg.text}")
 
-    def on_diagnosis_done(self, msg: DiagnosisDone) -> None:
-        self.diagnosis = res = msg.result
+    @staticmethod
+    def _diagnosis_line(res: dict) -> Text:
         line = Text("diagnosis: ")
         style = "bold green" if res["verdict"] == "clean" else "bold red" if res["verdict"] == "unexplained" \
             else "bold yellow"
@@ -96,7 +105,11 @@ class TimelineScreen(BaseScreen):
         line.append(f" — {res['summary']}")
         if res.get("onset_step") is not None:
             line.append(f" · from step {res['onset_step']}")
-        self.query_one("#tl-diagnosis", Static).update(line)
+        return line
+
+    def on_diagnosis_done(self, msg: DiagnosisDone) -> None:
+        self.diagnosis = res = msg.result
+        self.query_one("#tl-diagnosis", Static).update(self._diagnosis_line(res))
         if res.get("onset_step") is not None:
             for plot in self.query(MetricPlot):
                 if plot.id == "plot-components":
