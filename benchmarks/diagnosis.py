@@ -218,6 +218,9 @@ def main() -> None:
             path = out / "v1"
         reference_vs_baseline(path)
         demo_v1(path)
+        print("\nlong sequences (3 steps x 128 rollouts, 96-token prompts shared by groups of 8, 128 tokens, "
+              "the 9.5 M-parameter model):")
+        reference_vs_baseline(long_sequences(out))
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
