@@ -15,9 +15,10 @@ that is off. The result is a JSON-ready dict (the documented API of
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -71,10 +72,13 @@ def diagnose(path: str | Path, *, against: str | Path | None = None, steps: Sequ
     tok = C.tokens(ref.seqs, ref.trainer_semantics)
     floor_b, floor_t = C.floors(ref.seqs)
     rows = C.per_step(tok, floor_b, floor_t)
+    from .reference import stored_weights
+
     with open_recording(path) as rec:
-        update_steps = _changing_updates(rec)
+        weights = stored_weights(rec)
+        update_steps = _changing_updates(rec, {v: w["sha256"] for v, w in weights.items()})
         ended = {s for (s,) in rec.sql("SELECT DISTINCT step FROM events WHERE kind = 'step_end'").fetchall()}
-        stored = sorted(v for v, w in _weights(rec).items() if w)
+        stored = sorted(v for v, w in weights.items() if w["blob"])
     backend_test = floor_test(tok.backend, floor_b)
     backend_onset = sequential_onset([r.step for r in rows], [r.backend for r in rows])
     backend_off = backend_test.at_floor is False or backend_onset is not None
@@ -96,27 +100,10 @@ def diagnose(path: str | Path, *, against: str | Path | None = None, steps: Sequ
     timings["backend"] = time.perf_counter() - t1
     # ---------------------------------------------------------------- trainer
     t2 = time.perf_counter()
-    from .scoring import ReferenceScorer
     from .trainer import trainer_verdict
 
-    def scorer() -> ReferenceScorer:
-        from ..models import recording_model
-        from .reference import _WeightCache
-
-        rec = open_recording(path)
-        folder = Path(model_path) if model_path else recording_model(path, rec.run_config())
-        weights = _WeightCache(rec)
-        sc = ReferenceScorer(folder, weights, prefetch=weights.prefetch, device=device)
-        close = sc.close
-
-        def close_all() -> None:
-            close()
-            weights.close()
-            rec.close()
-        sc.close = close_all
-        return sc
-
-    out["trainer"] = trainer_verdict(ref, tok, floor_t, rows, scorer=scorer, stored=stored, progress=progress)
+    out["trainer"] = trainer_verdict(ref, tok, floor_t, rows, stored=stored, progress=progress,
+                                     scorer=lambda: reference_scorer(path, model_path=model_path, device=device))
     timings["trainer"] = time.perf_counter() - t2
     # ---------------------------------------------------------------- verdict, onset, tokens, layer
     untested = []
@@ -151,12 +138,29 @@ def diagnose(path: str | Path, *, against: str | Path | None = None, steps: Sequ
     return out
 
 
-def _changing_updates(rec: Any) -> list[int]:
+@contextlib.contextmanager
+def reference_scorer(path: Path, *, model_path: Any = None, device: str = "cpu") -> Iterator[Any]:
+    """A :class:`~replay.diagnose.scoring.ReferenceScorer` over the recording's stored weights (read
+    ahead of use), closed with the recording on exit."""
+    from ..models import recording_model
+    from ..recording import open_recording
+    from .reference import _WeightCache
+    from .scoring import ReferenceScorer
+
+    with open_recording(path) as rec:
+        folder = Path(model_path) if model_path else recording_model(path, rec.run_config())
+        weights = _WeightCache(rec)
+        scorer = ReferenceScorer(folder, weights, prefetch=weights.prefetch, device=device)
+        try:
+            yield scorer
+        finally:
+            scorer.close()
+            weights.close()
+
+
+def _changing_updates(rec: Any, sha: dict[int, str]) -> list[int]:
     """Steps with a weight update that changes the weights (the new version's hash differs from
     the one serving when the step began): where in-flight effects can show."""
-    from .reference import stored_weights
-
-    sha = {v: w["sha256"] for v, w in stored_weights(rec).items()}
     rows = rec.sql("""
         SELECT u.step, u.weight_version, s.weight_version FROM events u
         LEFT JOIN (SELECT step, arg_min(weight_version, seq) AS weight_version FROM events
@@ -164,12 +168,6 @@ def _changing_updates(rec: Any) -> list[int]:
         WHERE u.kind = 'weights_update_start' ORDER BY u.step""").fetchall()
     return sorted({int(step) for step, new, old in rows
                    if new is None or old is None or sha.get(new) is None or sha.get(new) != sha.get(old)})
-
-
-def _weights(rec: Any) -> dict[int, bool]:
-    from .reference import stored_weights
-
-    return {v: bool(w["blob"]) for v, w in stored_weights(rec).items()}
 
 
 def _components(tok: C.Tokens, backend_test, floor_t) -> dict:

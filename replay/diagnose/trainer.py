@@ -24,7 +24,7 @@ Nothing passing leaves the verdict "not explained", with the residual and its wo
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 
@@ -58,9 +58,10 @@ def onset(steps: list[int], tests: list) -> int | None:
 
 
 def trainer_verdict(ref: ReferenceSet, tok: Tokens, floor: Floor, rows: Sequence[Any], *,
-                    scorer: Callable[[], ReferenceScorer], stored: Sequence[int],
+                    scorer: Callable[[], ContextManager[ReferenceScorer]], stored: Sequence[int],
                     progress: Callable[[str], None] | None = None) -> dict:
-    """The trainer's semantics, its residual, and which hypotheses bring it to the floor."""
+    """The trainer's semantics, its residual, and which hypotheses bring it to the floor; ``scorer()``
+    opens the re-scoring the hypotheses need (only when the residual is off the floor)."""
     semantics = ref.trainer_semantics
     have = [s for s in ref.seqs if s.trainer_row is not None]
     out: dict[str, Any] = {"explained": None, "off_floor": False, "causes": [], "semantics": _semantics(semantics, tok),
@@ -151,7 +152,7 @@ def _row(hid: str, c: np.ndarray, base: np.ndarray, floor: Floor, *, differs: bo
 
 
 def _test_all(probe: list[RefSeq], have: list[RefSeq], semantics: str, floor: Floor,
-              scorer_factory: Callable[[], ReferenceScorer], stored: set[int],
+              scorer_factory: Callable[[], ContextManager[ReferenceScorer]], stored: set[int],
               progress: Callable[[str], None] | None) -> list[dict]:
     out = []
 
@@ -160,8 +161,7 @@ def _test_all(probe: list[RefSeq], have: list[RefSeq], semantics: str, floor: Fl
         return _cat([_sub(_aligned(s)[:k], s.star(semantics)[1][:k])
                      for s, k in ((s, cut(s) if cut else s.n) for s in seqs)])
 
-    scorer = scorer_factory()
-    try:
+    with scorer_factory() as scorer:
         # temperature and truncation: from the logits at the trainer's version, on a token-capped head
         vocab_cap = max(1, PROBE_FLOATS // max(1, _vocab(scorer)))
         head = _first_tokens(probe, min(vocab_cap, PROBE_TOKENS))
@@ -206,8 +206,6 @@ def _test_all(probe: list[RefSeq], have: list[RefSeq], semantics: str, floor: Fl
                             for i, s in enumerate(probe)], head_dtype="bfloat16")
         out.append(_row("lm_head_dtype", _cat([_sub(_aligned(s), res[i][0]) for i, s in enumerate(probe)]),
                         base_of(probe), floor, head_dtype="bfloat16"))
-    finally:
-        scorer.close()
     # one row per hypothesis id: the best-fitting variant
     best: dict[str, dict] = {}
     for h in out:
