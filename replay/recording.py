@@ -108,6 +108,7 @@ class Recording:
                 self._create_views(m.name, m.name)
             if len(self._members) == 1:
                 self._create_views("main", self._members[0].name, alias=True)
+            _sandbox(self._con)
         except BaseException:
             self.close()
             raise
@@ -218,7 +219,10 @@ class Recording:
         try:
             return con.sql(query, params=params) if params is not None else con.sql(query)
         except duckdb.Error as e:
-            raise ReplayError(" ".join(str(e).split()), "sql error") from e
+            msg = " ".join(str(e).split())
+            if "disabled by configuration" in msg or "configuration has been locked" in msg:
+                msg += f" ({SANDBOX_HINT})"
+            raise ReplayError(msg, "sql error") from e
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A cursor for another thread, with every view of this recording registered."""
@@ -350,6 +354,22 @@ class Recording:
 
     def __repr__(self) -> str:
         return f"Recording({', '.join(f'{m.name}={m.root}' for m in self._members)})"
+
+
+# A recording is data a colleague may hand over: a query over it reads its views and nothing
+# else. DuckDB's own settings, locked once set: no file reads or writes (COPY, read_csv, ATTACH),
+# no extension installed or loaded, no network; the views over the registered Arrow datasets
+# are unaffected (re-registering them on refresh still works).
+SANDBOX = (("enable_external_access", "false"), ("autoinstall_known_extensions", "false"),
+           ("autoload_known_extensions", "false"), ("allow_community_extensions", "false"),
+           ("lock_configuration", "true"))
+SANDBOX_HINT = ("a query over a recording reads its tables and views only (no files, no ATTACH, no "
+                "extensions); to export, use --format csv|json or, from Python, .to_arrow_table()")
+
+
+def _sandbox(con: duckdb.DuckDBPyConnection) -> None:
+    for name, value in SANDBOX:
+        con.execute(f"SET {name} = {value}")
 
 
 def _rank_of(path: Path) -> int:

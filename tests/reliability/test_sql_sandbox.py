@@ -1,0 +1,86 @@
+"""A query over a recording reads the recording's views and nothing else: no file written or read,
+no database attached, no extension installed or loaded, the settings locked — through the command
+line, the Python API (connection and cursors) and the TUI's query path — and the recording's files
+are byte for byte what they were."""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from replay import Recorder, open_recording
+from replay.errors import ReplayError
+
+ESCAPES = [
+    "COPY (SELECT 1) TO '{root}/manifest.json' (FORMAT csv)",
+    "COPY rollouts TO '{root}/../leak.parquet' (FORMAT parquet)",
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "SELECT * FROM read_text('/etc/hostname')",
+    "SELECT * FROM glob('/etc/*')",
+    "ATTACH '{root}/../other.db' AS other",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "SET enable_external_access = true",
+    "SET lock_configuration = false",
+]
+
+
+@pytest.fixture
+def recording(tmp_path) -> Path:
+    root = tmp_path / "rec"
+    with Recorder(root, run_config={"model": "x"}) as rec:
+        for i in range(3):
+            rec.rollout(step=0, request_id=f"r{i}", prompt_ids=[1, 2], output_ids=[3, 4], logprobs=[-0.5, -0.1])
+            rec.trainer(step=0, request_id=f"r{i}", weight_version=0, logprobs=[-0.4, -0.2])
+    return root
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("query", ESCAPES)
+def test_python_api_refuses_every_escape(recording, query):
+    before = _hashes(recording)
+    with open_recording(recording) as rec:
+        with pytest.raises(ReplayError) as err:
+            rec.sql(query.format(root=recording))
+        assert "disabled by configuration" in str(err.value) or "locked" in str(err.value) \
+            or "extension" in str(err.value).lower()
+        cur = rec.cursor()   # another thread's cursor: the same locked database
+        with pytest.raises(duckdb.Error):
+            cur.sql(query.format(root=recording)).fetchall()
+        assert rec.sql("SELECT count(*) FROM tokens").fetchall() == [(6,)]
+        rec.refresh()       # re-registering the views still works under the lock
+        assert rec.sql("SELECT count(*) FROM sequences").fetchall() == [(3,)]
+    assert _hashes(recording) == before
+    assert not (recording.parent / "leak.parquet").exists() and not (recording.parent / "other.db").exists()
+
+
+@pytest.mark.parametrize("query", ESCAPES[:3] + ESCAPES[5:7])
+def test_command_line_refuses_with_one_line(recording, query):
+    before = _hashes(recording)
+    proc = subprocess.run([sys.executable, "-m", "replay", "sql", str(recording), query.format(root=recording)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()
+    assert len(line) == 1 and line[0].startswith("replay: sql error:") and "tables and views only" in line[0]
+    assert _hashes(recording) == before
+
+
+def test_tui_query_path_is_the_same_sandbox(recording):
+    from tui.data import Workspace
+
+    ws = Workspace(recording)
+    try:
+        with pytest.raises(duckdb.Error, match="disabled by configuration"):
+            ws.run_sql(f"COPY (SELECT 1) TO '{recording}/manifest.json' (FORMAT csv)")
+        cols, rows, _, _ = ws.run_sql("SELECT count(*) AS n FROM run.tokens")
+        assert cols == ["n"] and rows == [(6,)]
+    finally:
+        ws.close()
