@@ -65,7 +65,7 @@ def scenarios(out: Path, seeds: int, bf16: bool, steps: int) -> None:
     kinds = ("clean", "backend", "trainer", "unexplained")
     cols = kinds + ("backend+trainer",)
     for body, suite in suites.items():
-        print(f"\nthe suite, float32 engine body (clean-bf16: a bfloat16 body)" if body == "float32"
+        print("\nthe suite, float32 engine body (clean-bf16: a bfloat16 body)" if body == "float32"
               else f"\n{body} engine body: the same causes, with a floor ~1e4 times higher")
         print(f"{'scenario':<70} {'seed':>4}  {'expected':<40} {'got':<40} {'ok':<3} {'record s':>8} {'diagnose s':>10}")
         ok = total = 0

@@ -291,6 +291,15 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf1
            "float16": "float16", "fp16": "float16"}
 
 
+def dtype_name(dtype: Any) -> str:
+    """The canonical name ("float32", "bfloat16", "float16") of a dtype name, alias or ``torch.dtype``
+    (no torch import)."""
+    key = str(dtype).replace("torch.", "")
+    if key not in _DTYPES:
+        raise BadInput(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16", field="dtype")
+    return _DTYPES[key]
+
+
 def torch_dtype(dtype: Any) -> Any:
     """A ``torch.dtype`` from a name ("float32", "bf16", ...) or a dtype."""
     import torch

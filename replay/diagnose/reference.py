@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ import numpy as np
 
 from ..errors import BadInput, RecordingError
 from ..manifest import AUX_RANKS
+from ..models import dtype_name
 from .scoring import Dist, ReferenceScorer, ScoringStats, Seq
 
 SCORING_VERSION = 1            # bumped when the stored values of a key would change
@@ -127,27 +127,18 @@ def body_dtype_of(run_config: dict, given: str | None = None) -> tuple[str, str]
     """(the engine's body dtype, where it came from): given, recorded in the engine config, or
     assumed bfloat16 (vLLM's default on a GPU; the more tolerant floor)."""
     if given:
-        return _dtype_name(given), "given"
+        return dtype_name(given), "given"
     cfg = ((run_config.get("engine") or {}).get("config") or {})
     if cfg.get("dtype"):
-        return _dtype_name(cfg["dtype"]), "recorded"
+        return dtype_name(cfg["dtype"]), "recorded"
     return "bfloat16", "assumed"
 
 
 def trainer_dtype_of(run_config: dict, body: str, given: str | None = None) -> str:
     if given:
-        return _dtype_name(given)
+        return dtype_name(given)
     tr = run_config.get("trainer") or {}
-    return _dtype_name(tr["dtype"]) if isinstance(tr, dict) and tr.get("dtype") else body
-
-
-def _dtype_name(d: Any) -> str:
-    names = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-             "float16": "float16", "fp16": "float16"}
-    key = str(d).replace("torch.", "")
-    if key not in names:
-        raise BadInput(f"unknown dtype {d!r}; use float32, bfloat16 or float16", field="dtype")
-    return names[key]
+    return dtype_name(tr["dtype"]) if isinstance(tr, dict) and tr.get("dtype") else body
 
 
 # ------------------------------------------------------------------------ loading
