@@ -15,6 +15,9 @@ Measured, each in a fresh subprocess so its peak RSS (``ru_maxrss``) is its own:
 * ``lookup``        ``SELECT * FROM tokens WHERE step = ? AND request_id = ?`` (one rollout),
                     and by ``request_id`` alone
 * ``info``          ``replay info --format json``
+* ``open``          ``open_recording`` twice in one process: the first open checks every listed
+                    segment's sha256 (the integrity check), the re-open finds them in the
+                    process's cache (files unchanged), so the difference is the check's cost
 * ``pandas``        the baseline: the same rollouts and trainer rows written once as Parquet,
                     then ``pd.read_parquet`` + the same per-step metrics in pandas/numpy
 
@@ -212,6 +215,18 @@ def child(kind: str, root: str, arg: str) -> None:
             t2 = time.perf_counter()
             n2 = len(rec.sql("SELECT * FROM tokens WHERE request_id = ?", [rid]).fetchall())
             res = {"rows": n, "query_s": t2 - t1, "rows_by_id": n2, "by_id_s": time.perf_counter() - t2}
+    elif kind == "open":
+        from replay import open_recording
+        from replay.salvage import listed_segments
+        t1 = time.perf_counter()
+        with open_recording(root) as rec:
+            listed = listed_segments(rec._member(None).manifest)
+        t2 = time.perf_counter()
+        with open_recording(root):
+            pass
+        t3 = time.perf_counter()
+        res = {"first_s": t2 - t1, "reopen_s": t3 - t2, "segments": len(listed),
+               "bytes": sum(int(e.get("bytes") or 0) for e in listed.values())}
     elif kind == "pandas":
         out = pandas_metrics(Path(root))
         res = {"rows": len(out), "n_tokens": int(out["n_tokens"].sum()), "kl_sum": float(out["kl_new_old"].sum())}
@@ -265,6 +280,7 @@ def measure(root: Path, built: dict, with_tokens_view: bool) -> dict:
     out["cli_metrics"] = run(rss_wrap(cli + ["sql", rec, "SELECT * FROM step_metrics", "--format", "csv"]))
     out["lookup"] = run(me + ["lookup", rec, f"{last // 2},s{last // 2}-k3-r17"])
     out["info"] = run(rss_wrap(cli + ["info", rec, "--format", "json"]))
+    out["open"] = run(me + ["open", rec, ""])
     out["pandas"] = run(me + ["pandas", str(root / "parquet"), ""])
     return out
 
@@ -288,6 +304,12 @@ def report(size: str, r: dict) -> None:
         ("lookup step+request_id", f"{r['lookup']['query_s']:.3f} s", f"{r['lookup']['rss_mib']:.0f} MiB",
          f"{r['lookup']['rows']} rows; by request_id alone {r['lookup']['by_id_s']:.3f} s"),
         ("replay info", f"{r['info']['s']:.2f} s", f"{r['info']['rss_mib']:.0f} MiB", ""),
+        *([("open, integrity check (first)", f"{r['open']['first_s']:.2f} s",
+            f"{r['open']['bytes'] / 2**30:.2f} GiB",
+            f"{r['open']['segments']} segments hashed, "
+            f"{r['open']['bytes'] / 2**30 / max(1e-9, r['open']['first_s'] - r['open']['reopen_s']):.2f} GiB/s"),
+           ("re-open (same process, cached)", f"{r['open']['reopen_s']:.2f} s", "",
+            f"check cost = {r['open']['first_s'] - r['open']['reopen_s']:.2f} s")] if "open" in r else []),
         ("pandas+Parquet step metrics", f"{pdm['s']:.2f} s", f"{pdm['rss_mib']:.0f} MiB", ""),
         ("ratio pandas / replay", f"{pdm['s'] / sm['s']:.1f}x time", f"{pdm['rss_mib'] / sm['rss_mib']:.1f}x memory",
          "results agree" if ok else "RESULTS DIFFER"),

@@ -8,6 +8,7 @@ and the complete batches of leftover open segments (``.arrows``) are read as the
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import PurePosixPath
 
@@ -93,6 +94,27 @@ def scan_parts_fs(fs: pafs.FileSystem, root: str) -> tuple[dict[str, list[Part]]
         else:
             p.file = PurePosixPath(info.path)
     return {t: [parts[k] for k in sorted(parts)] for t, parts in out.items()}, total
+
+
+class FsFiles:
+    """How :func:`replay.salvage.select_parts` sees files in a ``pyarrow.fs`` filesystem."""
+
+    def __init__(self, fs: pafs.FileSystem):
+        self.fs = fs
+        self.key = f"{fs.type_name}:{id(fs)}"
+
+    def stat(self, path) -> tuple[int, int] | None:
+        info = self.fs.get_file_info(str(path))
+        if info.type == pafs.FileType.NotFound:
+            return None
+        return info.size or 0, info.mtime_ns or 0
+
+    def sha256(self, path) -> str:
+        h = hashlib.sha256()
+        with self.fs.open_input_stream(str(path)) as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return h.hexdigest()
 
 
 def file_schema_fs(fs: pafs.FileSystem, path: PurePosixPath) -> pa.Schema:

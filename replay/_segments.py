@@ -3,8 +3,9 @@
 A :class:`Segment` is an open Arrow IPC stream ``part-NNNNN.arrows`` (zstd buffers,
 flushed to the OS after every batch). :func:`stream_to_file` closes one into an Arrow
 IPC file ``part-NNNNN.arrow``: the stream's bytes plus a footer (re-encoded when the
-stream cannot be indexed), under a temporary name, fsync, ``os.replace``, then the
-stream is deleted.
+stream cannot be indexed), under a temporary name, fsync, ``os.replace``. The caller deletes the stream once the
+manifest lists the file (:func:`remove_stream`): a reader that sees a closed file with no
+stream beside it can count on the manifest listing it.
 """
 from __future__ import annotations
 
@@ -152,8 +153,10 @@ def stream_to_file(stream: Path, final: Path) -> dict:
     """Turn the IPC stream ``stream`` into the IPC file ``final``; return its manifest entry.
 
     Keeps every complete batch (a torn tail after a write error is dropped), writes
-    under a temporary name, fsyncs, replaces, then removes the stream: a crash at any
-    point leaves the stream, or the file (and maybe the stream, which readers skip).
+    under a temporary name, fsyncs and replaces. The stream stays: remove it with
+    :func:`remove_stream` once the manifest lists the file. Until then readers read the
+    stream (an unlisted file is never read); a crash at any point leaves the stream, or
+    the stream and the file, which a salvage lists.
     """
     tmp = final.with_name(f".{final.name}.tmp")
     try:
@@ -168,10 +171,16 @@ def stream_to_file(stream: Path, final: Path) -> dict:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    # No fsync after this: should the removal be lost, the stream and the file are both
-    # there and readers take the file.
-    stream.unlink()
     return entry
+
+
+def remove_stream(stream: Path) -> None:
+    """Delete a stream whose closed file the manifest now lists. No fsync: should the removal
+    be lost, the stream and the listed file are both there and readers take the file."""
+    try:
+        stream.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("could not remove %s after closing it (%s); readers take its closed file", stream, e)
 
 
 class Segment:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -182,10 +183,13 @@ def _read_cached(path: Path, cache: StreamCache | None) -> StreamContents:
 
 
 def scan_table(table: str, parts: list[Part], cache: StreamCache | None = None,
-               filesystem: fs.FileSystem | None = None) -> TableScan:
+               filesystem: fs.FileSystem | None = None,
+               admit: Callable[[Part, Path], bool] | None = None) -> TableScan:
     """The dataset of one table over ``parts``; the closed file of a part wins over its stream.
 
     With ``filesystem`` (a ``pyarrow.fs`` filesystem) the parts' paths are paths in it.
+    ``admit(part, path)``: whether to read the closed file that replaced a stream since the
+    listing (its writer closed it); without it, such a file is read.
     """
     if filesystem is not None:
         from ._fs import file_schema_fs, read_stream_fs
@@ -212,6 +216,10 @@ def scan_table(table: str, parts: list[Part], cache: StreamCache | None = None,
                 streams.append(read(p.stream))
             except FileNotFoundError:  # closed by its writer since the listing
                 closed = p.stream.with_suffix(".arrow")
+                if admit is not None and not admit(p, closed):
+                    warnings.append(f"{p.stream} was closed while being read, and its closed "
+                                    f"file is not listed in the manifest: not read")
+                    continue
                 try:
                     files.append((closed, schema_of(closed)))
                 except FileNotFoundError:

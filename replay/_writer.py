@@ -33,7 +33,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from . import _convert as cv
-from ._segments import Segment, next_part, stream_to_file
+from ._segments import Segment, next_part, remove_stream, stream_to_file
 from .schema import SCHEMAS, segment_path
 from .validate import LIST_COLUMNS, StepTracker, row_json, scalar
 
@@ -337,11 +337,13 @@ class Writer:
         entry["path"] = final.relative_to(self.root).as_posix()
         self.bytes_closed += entry["bytes"]
         self.on_segment(table, entry)
+        remove_stream(seg.path)  # only now: until the manifest lists the file, its stream is read
 
     def _close_segments(self) -> None:
         """Turn every open (and torn) segment into a file, several at once (their fsyncs overlap).
 
-        The entries are kept in :attr:`final_segments` for one manifest update on close.
+        The entries are kept in :attr:`final_segments` for one manifest update on close;
+        the streams stay until :meth:`remove_closed_streams` (after that update).
         """
         for seg in self._segments.values():
             seg.close()
@@ -362,6 +364,11 @@ class Writer:
                 entry["path"] = seg.path.with_suffix(".arrow").relative_to(self.root).as_posix()
                 self.bytes_closed += entry["bytes"]
                 self.final_segments.append((table, entry))
+
+    def remove_closed_streams(self) -> None:
+        """Delete the streams of :attr:`final_segments`, once the manifest lists their files."""
+        for _, entry in self.final_segments:
+            remove_stream((self.root / entry["path"]).with_suffix(".arrows"))
 
 
 def reject_item(table: str, row: dict, problem: Any, time_ns: int) -> tuple:

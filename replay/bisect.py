@@ -40,11 +40,13 @@ from .errors import BadInput
 
 
 def _step_stats(rec, schema: str, eps: float) -> dict[int, dict]:
+    from .recording import quote_ident
+
     lo, hi = math.log(1 - eps), math.log(1 + eps)
     rows = rec.sql(f"""
         SELECT step, count(*) AS n, avg(abs(log_ratio)) AS m, var_samp(abs(log_ratio)) AS v,
                avg(CASE WHEN log_ratio < {lo} OR log_ratio > {hi} THEN 1.0 ELSE 0.0 END) AS clip
-        FROM {schema}.tokens WHERE lp_trainer IS NOT NULL GROUP BY step ORDER BY step""").fetchall()
+        FROM {quote_ident(schema)}.tokens WHERE lp_trainer IS NOT NULL GROUP BY step ORDER BY step""").fetchall()
     return {int(s): {"n": int(n), "mean_abs_r": float(m), "var": float(v or 0.0), "clip_rate": float(c)}
             for s, n, m, v, c in rows}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._cliargs import NONNEG, NONNEG_INT, POSITIVE
 from .fixes import FIX_IDS
 
 
@@ -29,13 +30,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("path", help="recording folder")
     p.add_argument("--by", choices=("steps", "fixes", "tokens", "layers"), default="steps")
     p.add_argument("--against", default=None, metavar="REF", help="reference recording (--by steps)")
-    p.add_argument("--threshold", type=float, default=None, help="mean |r| threshold (--by steps, no REF)")
+    p.add_argument("--threshold", type=POSITIVE, default=None, help="mean |r| threshold (--by steps, no REF)")
     p.add_argument("--replay", action="store_true",
                    help="--by steps: binary search with replays under --preset (default v0)")
-    p.add_argument("--step", type=int, default=None, help="the step (fixes, tokens, layers; default: the onset)")
+    p.add_argument("--step", type=NONNEG_INT, default=None, help="the step (fixes, tokens, layers; default: the onset)")
     p.add_argument("--request", default=None, help="request id (layers; tokens: one sequence)")
-    p.add_argument("--pos", type=int, default=None, help="output position (layers)")
-    p.add_argument("--tol", type=float, default=None,
+    p.add_argument("--pos", type=NONNEG_INT, default=None, help="output position (layers)")
+    p.add_argument("--tol", type=NONNEG, default=None,
                    help="tolerance (tokens: |component|, default the floor's tail bound; layers: max |Δh|)")
     p.add_argument("--component", choices=("auto", "backend", "trainer", "r"), default="auto",
                    help="tokens: rank by backend error, trainer error, or the raw |r| (default: whichever is off)")
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if args.by == "steps":
         if args.replay:
             res = b.bisect_steps_replay(args.path, preset=args.preset or "v0", fixes=tuple(args.fix),
-                                        tol=args.tol or 0.02, engine=args.engine, device=args.device,
+                                        tol=0.02 if args.tol is None else args.tol, engine=args.engine, device=args.device,
                                         python=args.python, progress=_progress(args))
         else:
             res = b.bisect_steps(args.path, args.against, threshold=args.threshold)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import signal
 import sys
 import threading
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import __version__
+from ._cliargs import NONNEG_INT
 from .errors import BadInput, ReplayError
 from .schema import SCHEMA_VERSION
 
@@ -39,6 +42,12 @@ MAX_ROWS = 200  # rows a `sql` table shows unless --max-rows says otherwise
 
 # ---------------------------------------------------------------- built-in commands
 
+def _salvage_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--salvage", action="store_true",
+                   help="first close the open segments of writers that died (writes to the "
+                        "recording, like `replay doctor`); without it nothing is written")
+
+
 def _format_arg(p: argparse.ArgumentParser) -> None:
     from ._format import FORMATS
     p.add_argument("--format", choices=FORMATS, default="table", help=FORMAT_HELP)
@@ -48,7 +57,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from ._format import info_output
     from .recording import open_recording
 
-    with open_recording(args.path, salvage=not args.no_salvage) as rec:
+    with open_recording(args.path, salvage=args.salvage) as rec:
         print(info_output(rec.info(), args.format))
     return 0
 
@@ -66,19 +75,86 @@ def cmd_sql(args: argparse.Namespace) -> int:
         raise _Usage("sql needs at least one recording and a query (or --file)")
     else:
         query = paths.pop()
+    out = _export_target(args.out, paths) if args.out else None
     names = args.names.split(",") if args.names else None
-    with open_recording(paths, salvage=not args.no_salvage, names=names) as rec:
-        rel = rec.sql(query)
-        if rel is None:
-            res = Rows([], [], [])
-        else:
-            limit = None
-            if args.format == "table":
-                limit = args.max_rows
+    with open_recording(paths, salvage=args.salvage, names=names) as rec:
+        for name in rec.names:
+            for w in rec.warnings(name):
+                print(f"replay: warning: {' '.join(w.split())}", file=sys.stderr)
+        statements = rec.statements(query)
+        if not statements:
+            raise _Usage("the query holds no SQL statement (it is empty or only comments)")
+        limit = args.max_rows if args.format == "table" and out is None else None
+        results = []
+        for i, q in enumerate(statements):
+            rel = rec.sql(q)
+            if rel is None:
+                continue  # CREATE, SET ...: ran, nothing to show
+            if out is not None:
+                results.append(rel.to_arrow_table())  # fetched now: a later statement may change it
+                continue
+            if limit is not None:
                 rel = rel.limit(limit + 1)
-            res = Rows(list(rel.columns), [str(t) for t in rel.types], rel.fetchall())
-        print(rows_output(res, args.format, max_rows=limit if args.format == "table" else None))
+            results.append(Rows(list(rel.columns), [str(t) for t in rel.types], rel.fetchall()))
+        if out is not None:
+            if len(results) != 1:
+                raise BadInput(f"--out writes one result; the query's statements return {len(results)}",
+                               field="--out")
+            n = _export(results[0], out)
+            print(f"wrote {n} rows to {out}", file=sys.stderr)
+            return 0
+        if not results:
+            results = [Rows([], [], [])]
+        if len(results) > 1 and args.format != "table":
+            raise BadInput(f"{len(results)} statements return rows; --format {args.format} prints one "
+                           "result: run them one at a time", field="query")
+        print("\n\n".join(rows_output(r, args.format, max_rows=limit) for r in results))
     return 0
+
+
+EXPORT_FORMATS = (".parquet", ".csv", ".json", ".jsonl")
+
+
+def _export_target(out: str, recordings: list[str]) -> Path:
+    """Where ``--out`` writes: a file with a known suffix, outside every recording queried."""
+    path = Path(out)
+    if path.suffix.lower() not in EXPORT_FORMATS:
+        raise BadInput(f"--out {out}: the file name must end in {', '.join(EXPORT_FORMATS)} "
+                       "(the format is taken from it)", field="--out")
+    target = path.resolve()
+    for r in recordings:
+        root = Path(r).resolve()
+        if target.is_relative_to(root):
+            raise BadInput(f"--out {out} is inside the recording {r}: a query never writes into a "
+                           "recording; write it elsewhere", field="--out")
+    if not target.parent.is_dir():
+        raise BadInput(f"--out {out}: folder {path.parent} does not exist", field="--out")
+    return path
+
+
+def _export(table, path: Path) -> int:
+    """Write the Arrow ``table`` to ``path`` (format from the suffix), atomically."""
+    import pyarrow.parquet as pq
+
+    from ._format import jsonable, to_csv
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        suffix = path.suffix.lower()
+        if suffix == ".parquet":
+            pq.write_table(table, tmp)
+        elif suffix == ".csv":  # lists as JSON text, like --format csv
+            with open(tmp, "w", newline="") as f:
+                f.write(to_csv(table.column_names, (tuple(r.values()) for r in table.to_pylist())))
+        else:
+            with open(tmp, "w") as f:
+                for row in table.to_pylist():
+                    f.write(json.dumps(jsonable(row)) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return table.num_rows
 
 
 cmd_sql.more_positionals = "args"  # positionals after an option still belong to PATH... QUERY
@@ -109,9 +185,10 @@ class _Usage(Exception):
 
 def _add_builtin(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="summary of a recording: status, ranks, steps, tokens",
-                       description="Print a recording's summary. Salvages dead writers first.")
+                       description="Print a recording's summary. Reads only: a dead writer's open "
+                                   "segments are read as they are (--salvage closes them).")
     p.add_argument("path", help="recording folder")
-    p.add_argument("--no-salvage", action="store_true", help="do not salvage dead writers")
+    _salvage_arg(p)
     _format_arg(p)
     p.set_defaults(func=cmd_info)
 
@@ -124,9 +201,12 @@ def _add_builtin(sub: argparse._SubParsersAction) -> None:
                    help="recording folders, then the query (unless --file gives it)")
     p.add_argument("--file", metavar="Q.sql", help="read the query from this file ('-': stdin)")
     p.add_argument("--names", metavar="A,B", help="schema names for the recordings, comma-separated")
-    p.add_argument("--max-rows", type=int, default=MAX_ROWS,
+    p.add_argument("--max-rows", type=NONNEG_INT, default=MAX_ROWS,
                    help=f"rows a table shows (default {MAX_ROWS}; json and csv print all)")
-    p.add_argument("--no-salvage", action="store_true", help="do not salvage dead writers")
+    p.add_argument("--out", metavar="FILE",
+                   help="write the result to FILE instead (.parquet, .csv, .json or .jsonl: one "
+                        "object per row); the only way a query writes a file")
+    _salvage_arg(p)
     _format_arg(p)
     p.set_defaults(func=cmd_sql)
 

@@ -36,6 +36,10 @@ FIX_IDS: tuple[str, ...] = (
     "fp32_lm_head",
 )
 
+# short names where space is tight (ablation labels, replay configs in the TUI)
+FIX_SHORT: dict[str, str] = {"processed_logprobs": "proc", "v0_runtime_defaults": "v0rt",
+                             "paused_weight_update": "paused", "fp32_lm_head": "fp32"}
+
 FIX_DOC: dict[str, str] = {
     "processed_logprobs": "logprobs after temperature / top-k / top-p, as the trainer computes them",
     "v0_runtime_defaults": "prefix caching and async scheduling off",

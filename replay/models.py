@@ -388,3 +388,23 @@ def load_state_dict(path: str | Path, dtype: Any = None) -> dict:
         dt = torch_dtype(dtype)
         sd = {k: v.to(dt) for k, v in sd.items()}
     return sd
+
+
+def check_device(device: str) -> None:
+    """A one-line :class:`BadInput` (field ``device``) unless ``device`` names a torch device
+    this machine has: ``cpu``, or ``cuda`` / ``cuda:N`` with a visible CUDA device N."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise BadInput(f"unknown device {device!r}; use cpu, cuda or cuda:N", field="device") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BadInput(f"device {device!r} asked for, but this machine has no CUDA device; use "
+                           "--device cpu", field="device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BadInput(f"device {device!r} asked for, but this machine has "
+                           f"{torch.cuda.device_count()} CUDA device(s)", field="device")
+    elif dev.type not in ("cpu", "cuda"):
+        raise BadInput(f"device {device!r} is not supported here; use cpu, cuda or cuda:N", field="device")

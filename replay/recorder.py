@@ -55,7 +55,9 @@ from typing import Any, Callable
 from . import _convert as cv
 from ._writer import Writer, WriterConfig, reject_item
 from .errors import BadInput, RecordingError, ReplayError
-from .manifest import hold_rank_lock, host_id, new_manifest, now_iso, update_manifest
+from .manifest import hold_rank_lock, host_id, new_manifest, now_iso, update_manifest, write_atomic
+from .salvage import run_header
+from .schema import RUN_FILE
 from .validate import Problem, StepTracker, _plain, check_row
 
 log = logging.getLogger("replay.recorder")
@@ -170,6 +172,7 @@ class Recorder:
                 raise RecordingError(f"cannot record into {self.path}: {e}", "cannot record") from e
             raise
         self.run_id: str = man["run_id"]
+        self._write_run_file(man)
         self._base_counts = dict(man["ranks"][str(rank)].get("counts", {}))
         self._lock = threading.Lock()          # seq of events, strict checks, close
         entry = man["ranks"][str(rank)]
@@ -206,6 +209,20 @@ class Recorder:
             self._status_before = entry.get("status")
             entry.update(status="recording", pid=os.getpid(), host=host_id(), closed_at=None, strict=self.strict)
         return change
+
+    def _write_run_file(self, man: dict) -> None:
+        """The run's header beside the manifest, once: what a rebuilt manifest cannot recover."""
+        path = self.path / RUN_FILE
+        head = {k: man.get(k) for k in ("schema_version", "run_id", "created_at", "run_config")}
+        old = run_header(self.path)
+        if old is not None and (old.get("run_id"), old.get("created_at")) == (head["run_id"], head["created_at"]):
+            return
+        try:
+            write_atomic(path, json.dumps(head, indent=1, sort_keys=True).encode())
+        except OSError as e:
+            if self.strict:
+                raise RecordingError(f"cannot write {path}: {e}", "cannot record") from e
+            log.warning("recorder: cannot write %s (%s); the manifest still holds the run config", path, e)
 
     def _on_segment(self, table: str, seg: dict) -> None:
         def change(man: dict) -> None:
@@ -411,6 +428,7 @@ class Recorder:
                              rejects=counts.get("rejects", 0), errors=entry.get("errors", 0) + w.errors,
                              next_seq=self._seq)
             update_manifest(self.path, change)
+            w.remove_closed_streams()
         except Exception as e:  # noqa: BLE001
             if self.strict:
                 raise RecordingError(f"closing the recording {self.path} failed: {e}", "recording failed") from e

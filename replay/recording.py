@@ -1,4 +1,4 @@
-"""The read path: open one or several recordings as DuckDB views, salvaging dead writers.
+"""The read path: open one or several recordings as DuckDB views, checked, read only.
 
 >>> rec = open_recording("recordings/run-1")
 >>> rec.sql("SELECT step, clip_rate FROM step_metrics").fetchall()
@@ -27,8 +27,9 @@ import pyarrow.compute as pc
 from ._views import DERIVED, TableScan, scan_table, sequences_sql, step_metrics_view_sql, tokens_sql
 from .errors import BadInput, RecordingError, ReplayError
 from .manifest import overall_status, writer_alive
-from .salvage import (SalvageReport, dead_ranks, manifest_or_error, rank_entries,
-                      ranks_on_disk, salvage as salvage_ranks, scan_parts)
+from .salvage import (LocalFiles, Part, SalvageReport, dead_ranks, listed_and_intact,
+                      manifest_or_error, rank_entries, ranks_on_disk, salvage as salvage_ranks,
+                      scan_parts, select_parts)
 from .schema import TABLES
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -51,6 +52,8 @@ class _Member:
     nbytes: int = 0                             # bytes under it, counted while listing (fs only)
     store: Any = None                           # its WeightStore, once weights are read
     weight_rows: Any = None                     # its weights table, once read (reset by a refresh)
+    unlisted: list[str] = field(default_factory=list)  # closed files the manifest does not list: not read
+    read_warnings: list[str] = field(default_factory=list)  # damage worked around when selecting segments
 
     def status(self) -> str:
         if self.salvage is not None and self.salvage.in_memory and self.salvage.ranks:
@@ -88,14 +91,18 @@ def _safe_names(roots: list[Path], names: Iterable[str] | None) -> list[str]:
     return out
 
 
-def _q(name: str) -> str:
+def quote_ident(name: str) -> str:
+    """``name`` as a quoted SQL identifier: any schema name works, SQL keywords included."""
     return '"' + name.replace('"', '""') + '"'
+
+
+_q = quote_ident
 
 
 class Recording:
     """One DuckDB connection over one or several recordings. Use :func:`open_recording`."""
 
-    def __init__(self, roots: list[Path], names: list[str], *, salvage: bool = True,
+    def __init__(self, roots: list[Path], names: list[str], *, salvage: bool = False,
                  filesystems: list | None = None):
         self._salvage = salvage
         filesystems = filesystems or [None] * len(roots)
@@ -117,33 +124,59 @@ class Recording:
     def _load(self, m: _Member) -> None:
         if m.fs is not None:
             return self._load_fs(m)
-        m.manifest = manifest_or_error(m.root)
+        manifest_or_error(m.root)           # a plain error first when it is no recording
         parts = scan_parts(m.root)
+        m.manifest = manifest_or_error(m.root)  # after the listing: a file closed meanwhile is in it
         dead = dead_ranks(m.root, m.manifest, parts)
         m.dead = []
         if dead and self._salvage:
             m.salvage = salvage_ranks(m.root, dead)
-            if not m.salvage.in_memory:
-                m.manifest = manifest_or_error(m.root)
-                parts = scan_parts(m.root)
+            parts = scan_parts(m.root)
+            m.manifest = manifest_or_error(m.root)
         elif dead:
             m.dead = dead
-        live = {p.stream for ps in parts.values() for p in ps if p.stream is not None}
+        sel = self._select(m, parts, LocalFiles)
+        live = {p.stream for ps in sel.values() for p in ps if p.stream is not None}
         m.streams = {k: v for k, v in m.streams.items() if k in live}
-        m.scans = {t: scan_table(t, parts[t], m.streams) for t in TABLES}
+        root = m.root
+
+        def admit(p: Part, path: Path) -> bool:
+            return listed_and_intact(manifest_or_error(root), p, path)
+
+        m.scans = {t: scan_table(t, sel[t], m.streams, admit=admit) for t in TABLES}
         m.weight_rows = None
         for t, scan in m.scans.items():
             self._con.register(self._internal(m.name, t), scan.dataset)
 
     def _load_fs(self, m: _Member) -> None:
         """Load a recording read through a pyarrow.fs filesystem (read only, no salvage)."""
-        from ._fs import read_manifest_fs, scan_parts_fs
+        from ._fs import FsFiles, read_manifest_fs, scan_parts_fs
 
-        m.manifest = read_manifest_fs(m.fs, str(m.root))
+        read_manifest_fs(m.fs, str(m.root))
         parts, m.nbytes = scan_parts_fs(m.fs, str(m.root))
-        m.scans = {t: scan_table(t, parts[t], filesystem=m.fs) for t in TABLES}
+        m.manifest = read_manifest_fs(m.fs, str(m.root))
+        files = FsFiles(m.fs)
+        sel = self._select(m, parts, files)
+        fs_, root = m.fs, str(m.root)
+
+        def admit(p: Part, path) -> bool:
+            return listed_and_intact(read_manifest_fs(fs_, root), p, path, files)
+
+        m.scans = {t: scan_table(t, sel[t], filesystem=m.fs, admit=admit) for t in TABLES}
         for t, scan in m.scans.items():
             self._con.register(self._internal(m.name, t), scan.dataset)
+
+    @staticmethod
+    def _select(m: _Member, parts: dict, files) -> dict:
+        """The parts to read (:func:`replay.salvage.select_parts`); damage is refused."""
+        sel = select_parts(m.manifest, parts, files)
+        if sel.damage:
+            more = f" (and {len(sel.damage) - 1} more)" if len(sel.damage) > 1 else ""
+            raise RecordingError(f"{m.root} is damaged: {sel.damage[0]}{more}; nothing was read "
+                                 f"from it. Run `replay doctor {m.root}` to see all of it and "
+                                 "repair what can be", "damaged recording")
+        m.unlisted, m.read_warnings = sel.unlisted, sel.warnings
+        return sel.parts
 
     @staticmethod
     def _internal(schema: str, table: str) -> str:
@@ -161,7 +194,7 @@ class Recording:
             return
         con.execute(f"CREATE OR REPLACE VIEW {s}.tokens AS {tokens_sql(s)}")
         con.execute(f"CREATE OR REPLACE VIEW {s}.sequences AS {sequences_sql(s)}")
-        metrics = step_metrics_view_sql(schema)
+        metrics = step_metrics_view_sql(s)
         if metrics is not None:
             con.execute(f"CREATE OR REPLACE VIEW {s}.step_metrics AS {metrics}")
 
@@ -219,10 +252,15 @@ class Recording:
         try:
             return con.sql(query, params=params) if params is not None else con.sql(query)
         except duckdb.Error as e:
-            msg = " ".join(str(e).split())
-            if "disabled by configuration" in msg or "configuration has been locked" in msg:
-                msg += f" ({SANDBOX_HINT})"
-            raise ReplayError(msg, "sql error") from e
+            raise sql_error(e) from e
+
+    def statements(self, query: str) -> list[str]:
+        """The SQL statements of ``query`` in order (none for an empty or comment-only query);
+        a parse error raises :class:`ReplayError` titled ``sql error``."""
+        try:
+            return [st.query for st in self._live().extract_statements(query)]
+        except duckdb.Error as e:
+            raise ReplayError(" ".join(str(e).split()), "sql error") from e
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A cursor for another thread, with every view of this recording registered."""
@@ -288,11 +326,21 @@ class Recording:
             "open_segments": sum(len(sc.streams) for sc in m.scans.values()),
             "rows_in_open_segments": sum(sc.stream_rows for sc in m.scans.values()),
             "salvage": m.salvage.as_dict() if m.salvage is not None and m.salvage.ranks else None,
-            "warnings": [w for sc in m.scans.values() for w in sc.warnings]
-                        + [f"rank {r}'s writer is gone; open with salvage=True to salvage it"
-                           for r in m.dead],
+            "warnings": self.warnings(m.name),
             "run_config": man.get("run_config"),
         }
+
+    def warnings(self, name: str | None = None) -> list[str]:
+        """What a reader of one recording should know: segments left out, torn tails, dead writers."""
+        m = self._member(name)
+        out = list(m.read_warnings) + [w for sc in m.scans.values() for w in sc.warnings]
+        if m.unlisted:
+            shown = ", ".join(m.unlisted[:3]) + (f" and {len(m.unlisted) - 3} more" if len(m.unlisted) > 3 else "")
+            out.append(f"{len(m.unlisted)} closed segment(s) the manifest does not list were not "
+                       f"read ({shown}); `replay doctor {m.root}` adopts or sets them aside")
+        out += [f"rank {r}'s writer is gone without closing: its open segments are read as they "
+                f"are; `replay doctor {m.root}` closes them" for r in m.dead]
+        return out
 
     def _ranks(self, m: _Member) -> list[dict]:
         entries = rank_entries(m.manifest)
@@ -364,7 +412,17 @@ SANDBOX = (("enable_external_access", "false"), ("autoinstall_known_extensions",
            ("autoload_known_extensions", "false"), ("allow_community_extensions", "false"),
            ("lock_configuration", "true"))
 SANDBOX_HINT = ("a query over a recording reads its tables and views only (no files, no ATTACH, no "
-                "extensions); to export, use --format csv|json or, from Python, .to_arrow_table()")
+                "extensions); to export, use `replay sql ... --out FILE.parquet|csv|json` or, from "
+                "Python, .to_arrow_table()")
+
+
+def sql_error(e: duckdb.Error) -> ReplayError:
+    """A DuckDB error as a one-line :class:`ReplayError` titled ``sql error``; a query the
+    sandbox refused says what a query may do instead."""
+    msg = " ".join(str(e).split())
+    if "disabled by configuration" in msg or "configuration has been locked" in msg:
+        msg += f" ({SANDBOX_HINT})"
+    return ReplayError(msg, "sql error")
 
 
 def _sandbox(con: duckdb.DuckDBPyConnection) -> None:
@@ -388,12 +446,16 @@ def _du(root: Path) -> int:
 
 
 def open_recording(path_or_paths: str | os.PathLike | Iterable[str | os.PathLike], *,
-                   salvage: bool = True, names: Iterable[str] | None = None,
+                   salvage: bool = False, names: Iterable[str] | None = None,
                    filesystem: Any = None) -> Recording:
     """Open one recording, or several in one connection (one schema each).
 
-    ``salvage``: close the leftover open segments of ranks whose writer died and mark
-    the recording ``salvaged`` (in memory only if the folder is read-only).
+    Reading never writes: only the segments the manifest lists are read, each checked
+    against its recorded sha256 (once per process while the file is unchanged); a damaged
+    recording is refused with the segment named (``replay doctor`` repairs it); a dead
+    writer's open segments are read in place, up to their last complete batch.
+    ``salvage``: first close the leftover open segments of ranks whose writer died and
+    mark the recording ``salvaged`` (this writes; in memory only if the folder is read-only).
     ``names``: schema names (default: the folder names, made SQL-safe and unique).
     ``filesystem``: a ``pyarrow.fs.FileSystem`` the paths are in. A path may also be a
     URI pyarrow understands (``s3://bucket/runs/run-1``, ``gs://...``, ``hdfs://...``).

@@ -72,7 +72,8 @@ class ReplayResult:
 
         A forced token can lie outside the replayed config's sampling support (e.g. outside
         the top-p nucleus under processed logprobs): its replayed logprob is -inf. Such
-        tokens are counted as ``outside_support`` and left out of the metrics.
+        tokens are counted as ``outside_support`` and left out of the replayed metrics (the
+        recorded metrics cover every scored token, so they do not depend on the config).
         """
         rec, rep = self._cat("recorded"), self._cat("replayed")
         out: dict[str, Any] = {"step": self.step, "config_id": self.config.id, "engine": self.engine,
@@ -95,10 +96,11 @@ class ReplayResult:
             tr = np.concatenate([np.asarray(r["trainer"], np.float64) for r in trainer_rows])
             recd = np.concatenate([np.asarray(r["recorded"], np.float64) for r in trainer_rows])
             repd = np.concatenate([np.asarray(r["replayed"], np.float64) for r in trainer_rows])
-            ok = np.isfinite(tr) & np.isfinite(recd) & np.isfinite(repd)
-            out["recorded"] = token_metrics(tr[ok], recd[ok])
-            out["replayed"] = token_metrics(tr[ok], repd[ok])
-            out["replayed"]["outside_support"] = int((~np.isfinite(repd)).sum())
+            ok = np.isfinite(tr) & np.isfinite(recd)   # the recording's own metrics: whatever the config
+            inside = ok & np.isfinite(repd)
+            out["recorded"] = {**token_metrics(tr[ok], recd[ok]), "n_tokens": int(ok.sum())}
+            out["replayed"] = {**token_metrics(tr[inside], repd[inside]), "n_tokens": int(inside.sum()),
+                               "outside_support": int((ok & ~np.isfinite(repd)).sum())}
         return out
 
 
@@ -107,8 +109,11 @@ class Replayer:
 
     def __init__(self, path: str | Path, *, engine: str = "reference", device: str = "cpu",
                  python: str | None = None, model_path: str | Path | None = None):
+        from .models import check_device
         from .recording import open_recording
 
+        if engine == "reference":  # a vLLM engine picks its own device (its platform)
+            check_device(device)
         self.path = Path(path)
         self.kind = engine
         self.device = device

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._cliargs import POSITIVE_INT
 from .fixes import FIX_IDS
 
 
@@ -74,8 +75,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--step", required=True, help="step, range A-B, list 1,3,5, or all")
     p.add_argument("--mode", choices=("score", "regenerate"), default="score")
     add_config_args(p)
-    p.add_argument("--jobs", type=int, default=1, help="replay chunks of the steps in N worker processes")
-    p.add_argument("--batch", type=int, default=256, metavar="N",
+    p.add_argument("--jobs", type=POSITIVE_INT, default=1, help="replay chunks of the steps in N worker processes")
+    p.add_argument("--batch", type=POSITIVE_INT, default=256, metavar="N",
                    help="without prefix caching, replay consecutive steps together, up to N requests per "
                         "engine call (1: one step per call; default 256)")
     p.add_argument("--no-write", action="store_true", help="do not write the replays table")
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         print(to_json(out[0] if args.step.strip().isdigit() else out))
         return 0
     cols = ["step", "config_id", "mode", "fidelity", "recorded |r|", "replayed |r|", "recorded clip",
-            "replayed clip", "replayed kl_new_old"]
+            "replayed clip", "replayed kl_new_old", "outside support"]
     rows = []
     for s in out:
         f = s.get("fidelity", {})
@@ -125,9 +126,13 @@ def run(args: argparse.Namespace) -> int:
         rec, rep = s.get("recorded", {}), s.get("replayed", {})
         rows.append([s["step"], s["config_id"], s["mode"], fid, rec.get("mean_abs_log_ratio"),
                      rep.get("mean_abs_log_ratio"), rec.get("clip_rate"), rep.get("clip_rate"),
-                     rep.get("kl_new_old")])
+                     rep.get("kl_new_old"),
+                     f"{rep['outside_support']}/{rec['n_tokens']}" if "outside_support" in rep else None])
     print(table(cols, rows))
     print(f"config: {' '.join(f'{k}={v}' for k, v in out[0]['config'].items())}")
     if out[0]["note"]:
         print(f"note: {out[0]['note']}")
+    if any(s.get("replayed", {}).get("outside_support") for s in out):
+        print("outside support: scored tokens the replayed config could not have sampled (logprob "
+              "-inf there); the replayed metrics leave them out, the recorded ones do not")
     return 0

@@ -16,16 +16,17 @@ from __future__ import annotations
 import contextlib
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from .errors import RecordingError
 from .manifest import now_iso, rank_number, read_manifest, update_manifest, writer_alive
-from .schema import FILE_SUFFIX, RANK_DIR_RE, SEGMENT_RE, STREAM_SUFFIX, TABLES
+from .schema import RUN_FILE, FILE_SUFFIX, RANK_DIR_RE, SEGMENT_RE, STREAM_SUFFIX, TABLES
 
 _IPC_OPTIONS = ipc.IpcWriteOptions(compression="zstd")
 
@@ -143,6 +144,176 @@ def rank_entries(man: dict) -> dict[int, tuple[str, dict]]:
     return out
 
 
+# ---------------------------------------------------------------- what a reader reads
+
+def listed_segments(man: dict) -> dict[str, dict]:
+    """Closed segments the manifest lists, by path relative to the recording
+    (``table/rank-NNNN/part-NNNNN.arrow``), each with its ``rows``, ``bytes``, ``sha256``."""
+    out: dict[str, dict] = {}
+    for _, entry in rank_entries(man).values():
+        segs = entry.get("segments")
+        items: list = []
+        if isinstance(segs, list):
+            items = segs
+        elif isinstance(segs, dict):  # {table: [entries]}
+            items = [s for v in segs.values() if isinstance(v, list) for s in v]
+        for s in items:
+            if isinstance(s, dict) and isinstance(s.get("path"), str):
+                out[s["path"]] = s
+    return out
+
+
+def part_path(p: Part, path: Path | None = None) -> str:
+    """The path of ``p``'s closed file (or ``path``) relative to its recording."""
+    f = path if path is not None else p.file
+    return f"{p.table}/{f.parent.name}/{f.name}"
+
+
+def outside(rel: str) -> bool:
+    """Whether a manifest path leaves the recording (absolute, or through ``..``)."""
+    pp = PurePosixPath(rel)
+    return pp.is_absolute() or ".." in pp.parts or "\\" in rel
+
+
+@dataclass
+class Selection:
+    """The segments a reader reads (:func:`select_parts`), and what it leaves out."""
+
+    parts: dict[str, list[Part]]                        # slot by slot: the file or the stream to read
+    unlisted: list[str] = field(default_factory=list)   # closed files the manifest does not list: not read
+    damage: list[str] = field(default_factory=list)     # why the recording cannot be read as it is
+    warnings: list[str] = field(default_factory=list)   # damage worked around (a stream read instead)
+
+
+# (filesystem key, path, size, mtime_ns, sha256) -> whether the file has that hash. A segment
+# is hashed once per process while it is unchanged (closed segments never change).
+_VERIFIED: dict[tuple, bool] = {}
+_VERIFY_THREADS = 4
+
+
+class LocalFiles:
+    """How :func:`select_parts` sees files: here, the local file system."""
+
+    key = "local"
+
+    @staticmethod
+    def stat(path) -> tuple[int, int] | None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    @staticmethod
+    def sha256(path) -> str:
+        return sha256_file(Path(path))
+
+
+def select_parts(man: dict, parts: dict[str, list[Part]], files=LocalFiles) -> Selection:
+    """What a reader reads: each closed file the manifest lists, checked against its recorded
+    size and sha256; the stream of a slot whose file is not listed yet (a writer, or a salvage,
+    lists a file before it deletes the stream); nothing else. A listed file that is gone,
+    changed, or outside the recording is ``damage`` (unless its stream is still there: then
+    the stream is read, with a warning); closed files no entry lists are ``unlisted`` and left
+    out. List the parts before reading the manifest: a file closed in between is then
+    listed, or still has its stream."""
+    listed = listed_segments(man)
+    sel = Selection({t: [] for t in parts})
+    seen: set[str] = set()
+    todo: list[tuple[str, Part, dict, tuple[int, int]]] = []
+    for table, ps in parts.items():
+        for p in ps:
+            p = Part(p.table, p.rank, p.part, p.file, p.stream)
+            if p.file is not None:
+                rel = part_path(p)
+                want = listed.get(rel)
+                st = files.stat(p.file) if want is not None else None
+                if want is None:
+                    if p.stream is None:
+                        sel.unlisted.append(rel)
+                    p.file = None
+                elif st is None:
+                    p.file = None  # removed since the listing: reported below as missing
+                else:
+                    seen.add(rel)
+                    if isinstance(want.get("bytes"), int) and want["bytes"] != st[0]:
+                        _bad(sel, p, rel, f"has {st[0]} bytes, the manifest says {want['bytes']}")
+                    else:
+                        todo.append((rel, p, want, st))
+            if p.file is not None or p.stream is not None:
+                sel.parts[table].append(p)
+    _verify(todo, sel, files)
+    for p in (q for ps in sel.parts.values() for q in ps):
+        if p.file is not None:
+            p.stream = None  # the listed file holds the rows; a leftover stream is not read
+    for rel, want in sorted(listed.items()):
+        if rel in seen:
+            continue
+        if outside(rel):
+            sel.damage.append(f"the manifest lists {rel!r}, outside the recording")
+        elif rel.split("/")[0] in parts:
+            sel.damage.append(f"segment {rel} is listed in the manifest but missing "
+                              f"({want.get('rows', '?')} rows)")
+    return sel
+
+
+def _bad(sel: Selection, p: Part, rel: str, why: str) -> None:
+    """A listed file that does not match its entry: read its stream if one is left, else damage."""
+    p.file = None
+    if p.stream is not None:
+        sel.warnings.append(f"segment {rel} {why}: its stream {p.stream.name} is read instead")
+    else:
+        sel.damage.append(f"segment {rel} {why}")
+
+
+def _matches(item, files) -> bool:
+    """Whether a listed file has its recorded sha256 (once per process while unchanged)."""
+    sha = item[2].get("sha256")
+    if not isinstance(sha, str):
+        return True  # an entry without a hash: only its size could be checked
+    key = _key(item, files)
+    ok = _VERIFIED.get(key)
+    if ok is None:
+        try:
+            ok = files.sha256(item[1].file) == sha
+        except FileNotFoundError:
+            ok = False
+        _VERIFIED[key] = ok
+    return ok
+
+
+def _verify(todo: list, sel: Selection, files) -> None:
+    unknown = [t for t in todo if _key(t, files) not in _VERIFIED]
+    if len(unknown) > 1:  # hashing releases the GIL: several segments at once
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(min(_VERIFY_THREADS, len(unknown)), thread_name_prefix="replay-sha") as pool:
+            list(pool.map(lambda t: _matches(t, files), unknown))
+    for t in todo:
+        if not _matches(t, files):
+            rel, p = t[0], t[1]
+            _bad(sel, p, rel, "differs from the manifest's sha256 (changed or damaged after it was closed)")
+            if p.stream is None:
+                sel.parts[p.table] = [q for q in sel.parts[p.table] if q is not p]
+
+
+def listed_and_intact(man: dict, p: Part, path, files=LocalFiles) -> bool:
+    """Whether ``path``, the closed file of slot ``p``, is listed in ``man`` with its size and hash
+    (for a stream that its live writer closed between the listing and the read)."""
+    rel = part_path(p, path)
+    want = listed_segments(man).get(rel)
+    st = files.stat(path)
+    if want is None or st is None:
+        return False
+    if isinstance(want.get("bytes"), int) and want["bytes"] != st[0]:
+        return False
+    return _matches((rel, Part(p.table, p.rank, p.part, file=path), want, st), files)
+
+
+def _key(item, files) -> tuple:
+    _, p, want, (size, mtime) = item
+    return (files.key, str(p.file), size, mtime, want.get("sha256"))
+
+
 # ---------------------------------------------------------------- reading
 
 def read_stream(path: Path) -> StreamContents:
@@ -175,8 +346,9 @@ def read_stream(path: Path) -> StreamContents:
 
 
 @contextlib.contextmanager
-def _closed_segment(path: Path):
-    """An IPC file reader of a closed segment; a RecordingError (with the way out) if unreadable."""
+def _closed_segment(path: Path, hint: bool = True):
+    """An IPC file reader of a closed segment; a RecordingError (with the way out, unless
+    ``hint`` is False) if unreadable."""
     try:
         with pa.OSFile(str(path), "rb") as src:
             yield ipc.open_file(src)
@@ -185,14 +357,14 @@ def _closed_segment(path: Path):
     except RecordingError:
         raise
     except Exception as e:
-        raise RecordingError(f"segment {path} is not a readable Arrow file ({one_line(e)}); "
-                             f"run `replay doctor {path.parents[2]}` to set it aside",
+        way_out = f"; run `replay doctor {path.parents[2]}` to set it aside" if hint else ""
+        raise RecordingError(f"segment {path} is not a readable Arrow file ({one_line(e)}){way_out}",
                              "corrupt segment") from None
 
 
-def check_file(path: Path) -> tuple[pa.Schema, int, int]:
+def check_file(path: Path, *, hint: bool = True) -> tuple[pa.Schema, int, int]:
     """(schema, batches, rows) of a closed segment; RecordingError if it is not readable."""
-    with _closed_segment(path) as reader:
+    with _closed_segment(path, hint) as reader:
         n = reader.num_record_batches
         rows = sum(reader.get_batch(i).num_rows for i in range(n))
         return reader.schema, n, rows
@@ -228,8 +400,9 @@ def dead_ranks(root: Path, man: dict, parts: dict[str, list[Part]]) -> list[int]
     return sorted(r for r in candidates if not writer_alive(root, r))
 
 
-def _close_stream(part: Part, report: SalvageReport) -> dict | None:
-    """Turn ``part``'s stream into a closed file; returns its manifest segment entry."""
+def _close_stream(part: Part, report: SalvageReport, remove: list[Path]) -> dict | None:
+    """Turn ``part``'s stream into a closed file; returns its manifest segment entry. The
+    stream goes into ``remove``: it is deleted once the manifest lists the file."""
     stream = part.stream
     if part.file is not None:
         try:
@@ -237,7 +410,7 @@ def _close_stream(part: Part, report: SalvageReport) -> dict | None:
         except RecordingError:
             part.file = None  # a torn closed file: the stream is the better copy
         else:
-            stream.unlink(missing_ok=True)  # the close finished but left its stream behind
+            remove.append(stream)  # the close finished but left its stream behind
             part.stream = None
             return segment_entry(part.table, part.file, rows)
     contents = read_stream(stream)
@@ -246,7 +419,7 @@ def _close_stream(part: Part, report: SalvageReport) -> dict | None:
     report.rows += contents.rows
     report.skipped_bytes += contents.skipped_bytes
     if contents.schema is None:
-        stream.unlink(missing_ok=True)  # not even a header: nothing to keep
+        remove.append(stream)  # not even a header: nothing to keep
         part.stream = None
         return None
     dest = stream.with_suffix(FILE_SUFFIX)
@@ -262,7 +435,7 @@ def _close_stream(part: Part, report: SalvageReport) -> dict | None:
     except BaseException:  # a full disk: the stream stays as it is, for a later salvage
         tmp.unlink(missing_ok=True)
         raise
-    stream.unlink(missing_ok=True)
+    remove.append(stream)
     part.file, part.stream = dest, None
     return segment_entry(part.table, dest, contents.rows)
 
@@ -286,24 +459,25 @@ def _merge_segments(listed: object, segs: list[dict]) -> dict:
     return out
 
 
-def _unlisted_files(entry: dict, parts: list[Part]) -> list[dict]:
-    """Entries for closed files of a dead rank its manifest entry does not list: the writer
-    (or an earlier salvage) died between closing a segment and updating the manifest."""
-    segs = entry.get("segments")
-    listed = {s.get("path") for v in (segs.values() if isinstance(segs, dict) else ()) if isinstance(v, list)
-              for s in v if isinstance(s, dict)}
+def _unlisted_files(man: dict, parts: list[Part]) -> list[dict]:
+    """Entries for closed files of a dead rank the manifest does not list: the writer (or an
+    earlier salvage) of an older replay died between closing a segment and updating the
+    manifest. A copy of a listed segment (same sha256) is not one: doctor sets it aside."""
+    listed = listed_segments(man)
+    hashes = {s.get("sha256") for s in listed.values()}
     out = []
     for p in parts:
         if p.file is None or p.stream is not None:
             continue
-        rel = f"{p.table}/{p.file.parent.name}/{p.file.name}"
-        if rel in listed:
+        if part_path(p) in listed:
             continue
         try:
             _, _, rows = check_file(p.file)
         except (RecordingError, FileNotFoundError):
             continue  # unreadable: doctor sets it aside
-        out.append(segment_entry(p.table, p.file, rows))
+        entry = segment_entry(p.table, p.file, rows)
+        if entry["sha256"] not in hashes:
+            out.append(entry)
     return out
 
 
@@ -319,6 +493,7 @@ def salvage(root: Path, ranks: list[int], *, leftovers: bool = False) -> Salvage
     report = SalvageReport()
     if not ranks:
         return report
+    remove: list[Path] = []  # streams now closed: deleted once the manifest lists their files
 
     def change(man: dict) -> None:
         entries = rank_entries(man)
@@ -329,9 +504,9 @@ def salvage(root: Path, ranks: list[int], *, leftovers: bool = False) -> Salvage
             key, entry = entries.get(rank, (str(rank), {}))
             if not leftovers and entry.get("status", "recording") != "recording" and rank in entries:
                 continue  # another reader salvaged it first
-            segs = _unlisted_files(entry, [p for t in parts for p in parts[t] if p.rank == rank])
+            segs = _unlisted_files(man, [p for t in parts for p in parts[t] if p.rank == rank])
             segs += [s for t in parts for p in parts[t] if p.rank == rank and p.stream is not None
-                     and (s := _close_stream(p, report)) is not None]
+                     and (s := _close_stream(p, report, remove)) is not None]
             entry = dict(entry)
             entry["segments"] = _merge_segments(entry.get("segments"), segs)
             if not leftovers or rank not in entries:
@@ -347,10 +522,13 @@ def salvage(root: Path, ranks: list[int], *, leftovers: bool = False) -> Salvage
         update_manifest(root, change)
     except (OSError, pa.ArrowException) as e:
         # A read-only folder, or a full disk half-way through: streams closed so far are
-        # files (each slot holds its stream or its file), the rest is read in memory.
+        # files beside their streams, which the manifest does not list: readers read the
+        # streams, in memory.
         why = ("is read-only" if not report.streams
                else f"could not be salvaged on disk after {report.streams} segment(s)")
         return memory_salvage(root, ranks, reason=f"{root} {why} ({one_line(e)})")
+    for stream in remove:
+        stream.unlink(missing_ok=True)
     return report
 
 
@@ -359,7 +537,7 @@ def memory_salvage(root: Path, ranks: list[int], *, reason: str) -> SalvageRepor
     report = SalvageReport(ranks=list(ranks), in_memory=True, reason=reason)
     for parts in scan_parts(root).values():
         for p in parts:
-            if p.rank in ranks and p.stream is not None and p.file is None:
+            if p.rank in ranks and p.stream is not None:
                 try:
                     c = read_stream(p.stream)
                 except FileNotFoundError:
@@ -379,9 +557,37 @@ def manifest_or_error(root: Path) -> dict:
     if not root.is_dir():
         raise RecordingError(f"{root} is not a folder (a recording is a folder with a manifest.json)",
                              "not a recording")
-    man = read_manifest(root)
+    try:
+        man = read_manifest(root)
+    except RecordingError as e:
+        if e.title == "corrupt manifest":
+            raise RecordingError(f"{e.msg}; run `replay doctor {root}` to rebuild it from the "
+                                 "segments", e.title) from None
+        if e.title == "not a recording" and any((root / t).is_dir() for t in TABLES):
+            raise RecordingError(f"{root} has segments but no manifest.json; run `replay doctor "
+                                 f"{root}` to rebuild it from them", "damaged recording") from None
+        raise
     ranks = man.get("ranks")
     if not isinstance(ranks, dict) or not all(isinstance(e, dict) for e in ranks.values()):
         raise RecordingError(f"{root / 'manifest.json'} is corrupt: 'ranks' must map each rank "
-                             "to an object", "corrupt manifest")
+                             f"to an object; run `replay doctor {root}` to rebuild it", "corrupt manifest")
+    head = run_header(root)
+    if head is not None:
+        got = (man.get("run_id"), man.get("created_at"))
+        want = (head.get("run_id"), head.get("created_at"))
+        if got != want:
+            raise RecordingError(f"{root / 'manifest.json'} is not this recording's: it is run "
+                                 f"{got[0]!r} created {got[1]}, while {RUN_FILE} says run {want[0]!r} "
+                                 f"created {want[1]}; run `replay doctor {root}` to rebuild it",
+                                 "corrupt manifest")
     return man
+
+
+def run_header(root: Path) -> dict | None:
+    """The run's header (``run.json``: run_id, created_at, schema_version, run_config), or None
+    when the recording has none (older recordings) or it cannot be read."""
+    try:
+        head = json.loads((Path(root) / RUN_FILE).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return head if isinstance(head, dict) else None

@@ -4,6 +4,8 @@ A recording is a directory::
 
     <recording>/
       manifest.json                     schema_version, run_id, created_at, status, run_config, ranks
+      run.json                          the run's header (run_id, run_config), written once: a lost
+                                        manifest is rebuilt from it and the segments (replay doctor)
       manifest.lock                     flock'ed by writers while they update manifest.json
       rank-0000.lock                    held (flock) by rank 0's writer for its whole life
       rollouts/rank-0000/part-00000.arrow     closed segment: Arrow IPC file (random access)
@@ -27,6 +29,7 @@ SCHEMA_KEY = b"replay.schema_version"
 TABLE_KEY = b"replay.table"
 
 MANIFEST = "manifest.json"
+RUN_FILE = "run.json"   # run_id, created_at, schema_version, run_config: written once, never changed
 MANIFEST_LOCK = "manifest.lock"
 STREAM_SUFFIX = ".arrows"   # open segment, Arrow IPC stream format
 FILE_SUFFIX = ".arrow"      # closed segment, Arrow IPC file format

@@ -20,10 +20,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "step and token views, replay panel, SQL console.")
     p.add_argument("path", nargs="?", type=Path, help="recording to open (default: list --root)")
     p.add_argument("--against", type=Path, default=None, help="reference recording to compare with")
-    p.add_argument("--root", type=Path, default=Path("recordings"),
-                   help="folder searched for recordings, two levels deep (default: recordings/)")
+    p.add_argument("--root", type=Path, default=None,
+                   help="folder the runs screen lists, two levels deep (default: the folder holding "
+                        "PATH, else recordings/)")
     p.set_defaults(func=run)
     return p
+
+
+def runs_root(path: Path | None, root: Path | None) -> Path:
+    """The folder the runs screen lists: ``--root``, else the folder holding the recording
+    opened, else ``recordings/``."""
+    if root is not None:
+        return Path(root)
+    return Path(path).resolve().parent if path is not None else Path("recordings")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,6 +48,6 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ReplayError(f"the terminal UI needs textual ({e}); install replay-rl[tui]",
                           "tui unavailable") from None
-    app = app_mod.make_app(args.path, args.against, args.root)
+    app = app_mod.make_app(args.path, args.against, runs_root(args.path, args.root))
     app.run()
     return int(app.return_code or 0)

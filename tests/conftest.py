@@ -16,3 +16,29 @@ def demo_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     summary = runner.main(out=str(out), steps=DEMO_STEPS, runs=DEMO_RUNS, jobs=2)
     return out, summary, DEMO_RUNS, DEMO_STEPS
+
+
+@pytest.fixture
+def relist():
+    """``relist(seg)``: record a closed segment the test rewrote (rows, bytes, sha256) in its
+    recording's manifest, as its writer would have, so that readers take it as intact."""
+    import pyarrow.ipc as ipc
+
+    from replay.manifest import update_manifest
+    from replay.salvage import rank_entries, sha256_file
+
+    def run(seg):
+        root = seg.parents[2]
+        rel = f"{seg.parents[1].name}/{seg.parent.name}/{seg.name}"
+        rows = ipc.open_file(str(seg)).read_all().num_rows
+        rank = int(seg.parent.name.split("-")[1])
+
+        def change(man):
+            key, entry = rank_entries(man).get(rank, (str(rank), None))
+            if entry is None:  # a rank the test adds: a writer that finished
+                entry = man["ranks"][key] = {"status": "complete", "segments": {}}
+            segs = entry.setdefault("segments", {}).setdefault(seg.parents[1].name, [])
+            segs[:] = [s for s in segs if s.get("path") != rel]
+            segs.append({"path": rel, "rows": rows, "bytes": seg.stat().st_size, "sha256": sha256_file(seg)})
+        update_manifest(root, change)
+    return run

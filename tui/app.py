@@ -20,6 +20,7 @@ from .screens.runs import RunsScreen
 
 
 class ReplayApp(App):
+    ENABLE_COMMAND_PALETTE = False  # every action has a key (F1 lists them): the key bar gets the width
     """Browse recordings, compare a run with its reference, replay and query."""
 
     CSS_PATH = "app.tcss"

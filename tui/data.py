@@ -21,9 +21,10 @@ import duckdb
 import pyarrow.compute as pc
 
 from replay.errors import RecordingError, ReplayError
+from replay.fixes import FIX_SHORT
 from replay.manifest import overall_status, read_manifest
 from replay.models import recorded_model
-from replay.recording import open_recording
+from replay.recording import open_recording, sql_error
 
 from . import engine_adapter
 from .onset import Onset, onset_by_rule
@@ -127,7 +128,8 @@ class Components:
 
 
 def config_label(config_json: str | None, config_id: str) -> str:
-    """``v0``, ``v1`` or ``v1+fix+fix`` for a replayed EngineConfig (its id when unknown)."""
+    """``v0``, ``v1`` or ``v1+proc+fp32`` (the fixes' short names) for a replayed EngineConfig
+    (its id when unknown)."""
     try:
         from replay.fixes import PRESETS, EngineConfig
         cfg = EngineConfig.from_dict(json.loads(config_json))
@@ -137,7 +139,7 @@ def config_label(config_json: str | None, config_id: str) -> str:
         if cfg == preset:
             return name
     fixes = cfg.fixes_applied()
-    return "v1+" + "+".join(fixes) if fixes else config_id
+    return "v1+" + "+".join(FIX_SHORT.get(f, f) for f in fixes) if fixes else config_id
 
 
 def _col(rel: duckdb.DuckDBPyRelation) -> dict[str, list]:
@@ -376,10 +378,10 @@ class Workspace:
         if hit is not None:
             return hit
         with self.cursor() as cur:
-            replays = cur.sql("""SELECT engine_config, any_value(config), any_value(engine),
+            replays = cur.sql("""SELECT engine_config, any_value(config), engine,
                                         arg_max(logprobs, time_ns)
                                  FROM run.replays WHERE step = ? AND request_id = ?
-                                 GROUP BY engine_config ORDER BY min(time_ns)""",
+                                 GROUP BY engine_config, engine ORDER BY min(time_ns)""",
                               params=[step, request_id]).fetchall()
             topk = cur.sql("""SELECT source, pos, arg_max(ids, time_ns), arg_max(logprobs, time_ns)
                               FROM run.topk WHERE step = ? AND request_id = ?
@@ -408,29 +410,53 @@ class Workspace:
         return d
 
     # ---------------------------------------------------------------- replays
-    def replay_summary(self, step: int, config_id: str) -> SequenceTable:
-        """Per sequence of ``step``: recorded mean |r| beside the replay's (trainer vs replayed lp)."""
+    def replay_summary(self, step: int, config_id: str, engine: str = "reference") -> SequenceTable:
+        """Per sequence of ``step``: recorded mean |r| beside the replay's (trainer vs replayed lp)
+        on ``engine``. Tokens the replayed config could not have sampled (logprob -inf there) are
+        counted in "outside support" and left out of the replayed means."""
         q = """WITH rp AS (
                    SELECT request_id, arg_max(logprobs, time_ns) AS lp
-                   FROM run.replays WHERE step = ? AND engine_config = ? GROUP BY request_id)
-               SELECT t.request_id,
-                      avg(abs(t.log_ratio)) AS "recorded |r|",
-                      avg(abs(CAST(t.lp_trainer AS DOUBLE) - CAST(rp.lp[t.pos + 1] AS DOUBLE))) AS "replayed |r|",
-                      avg(abs(CAST(rp.lp[t.pos + 1] AS DOUBLE) - CAST(t.lp_rollout AS DOUBLE))) AS "|replay - rollout|"
-               FROM run.tokens t JOIN rp ON rp.request_id = t.request_id
-               WHERE t.step = ? GROUP BY t.request_id ORDER BY 2 DESC NULLS LAST, 1"""
+                   FROM run.replays WHERE step = ? AND engine_config = ? AND engine = ? GROUP BY request_id),
+               t AS (
+                   SELECT t.request_id, t.log_ratio, CAST(t.lp_trainer AS DOUBLE) AS lt,
+                          CAST(t.lp_rollout AS DOUBLE) AS lr, CAST(rp.lp[t.pos + 1] AS DOUBLE) AS lx
+                   FROM run.tokens t JOIN rp ON rp.request_id = t.request_id WHERE t.step = ?)
+               SELECT request_id,
+                      avg(abs(log_ratio)) AS "recorded |r|",
+                      avg(abs(lt - lx)) FILTER (WHERE isfinite(lx)) AS "replayed |r|",
+                      avg(abs(lx - lr)) FILTER (WHERE isfinite(lx)) AS "|replay - rollout|",
+                      count(*) FILTER (WHERE lx = '-inf'::DOUBLE) AS "outside support"
+               FROM t GROUP BY request_id ORDER BY 2 DESC NULLS LAST, 1"""
         with self.cursor() as cur:
-            rel = cur.sql(q, params=[step, config_id, step])
+            rel = cur.sql(q, params=[step, config_id, engine, step])
             return SequenceTable(step, list(rel.columns), rel.fetchall())
 
     # ---------------------------------------------------------------- SQL console
-    def run_sql(self, sql: str, limit: int = 1000) -> tuple[list[str], list[tuple], bool, float]:
-        """Run ``sql``; (columns, at most ``limit`` rows, truncated?, seconds). duckdb.Error propagates."""
+    def run_sql(self, sql: str, limit: int = 1000, on_cursor=None) -> tuple[list[str], list[tuple], bool, float, int]:
+        """Run the statements of ``sql`` in order; (columns and at most ``limit`` rows of the
+        last one that returns rows, truncated?, seconds, statements run). ``on_cursor(cur)`` is
+        called with the cursor the query runs on (``cur.interrupt()`` stops it), then with None.
+        duckdb.Error and ReplayError propagate."""
         t0 = time.perf_counter()
+        statements = self.rec.statements(sql)
+        if not statements:
+            raise ReplayError("the query holds no SQL statement (it is empty or only comments)", "sql error")
+        cols: list[str] = []
+        rows: list[tuple] = []
         with self.cursor() as cur:
-            rel = cur.sql(sql)
-            if rel is None:
-                return [], [], False, time.perf_counter() - t0
-            cols = list(rel.columns)
-            rows = rel.limit(limit + 1).fetchall()
-        return cols, rows[:limit], len(rows) > limit, time.perf_counter() - t0
+            if on_cursor is not None:
+                on_cursor(cur)
+            try:
+                for q in statements:
+                    rel = cur.sql(q)
+                    if rel is not None:
+                        cols = list(rel.columns)
+                        rows = rel.limit(limit + 1).fetchall()
+            except duckdb.Error as e:
+                if isinstance(e, duckdb.InterruptException):
+                    raise
+                raise sql_error(e) from e
+            finally:
+                if on_cursor is not None:
+                    on_cursor(None)
+        return cols, rows[:limit], len(rows) > limit, time.perf_counter() - t0, len(statements)

@@ -7,13 +7,14 @@ made-up numbers. Everything here is plain Python, called from worker threads.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import inspect
+import importlib.util
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from replay.errors import ReplayError
+from replay.fixes import FIX_SHORT
 
 # progress hook: (done, total, text) or one text line, as the replayer reports
 ProgressFn = Callable[..., None]
@@ -25,39 +26,23 @@ class Unavailable(ReplayError):
     title = "not available"
 
 
-def _module(name: str, attr: str):
-    """The function ``attr`` of module ``name``, or raise :class:`Unavailable` saying why not."""
-    try:
-        mod = importlib.import_module(name)
-    except ImportError as e:
-        raise Unavailable(f"{name} cannot be imported ({e})") from None
-    fn = getattr(mod, attr, None)
-    if fn is None:
-        raise Unavailable(f"{name} has no {attr}()")
-    return fn
-
-
 def availability(kind: str = "replay") -> str | None:
-    """None when ``kind`` ("replay" or "bisect") can run, else the reason it cannot."""
+    """None when ``kind`` ("replay" or "bisect") can run here, else the reason it cannot: the
+    engines need torch (the ``engines`` extra)."""
     try:
-        if kind == "replay":
-            _replay_entry()
-        else:
-            _module("replay.bisect", "bisect_fixes")
-    except Unavailable as e:
-        return e.msg
+        import replay.bisect  # noqa: F401
+        import replay.replayer  # noqa: F401,F811
+    except ImportError as e:
+        return f"replay's replay modules cannot be imported ({e})"
+    if importlib.util.find_spec("torch") is None:
+        return "torch is not installed (pip install -e '.[engines]')"
     return None
 
 
-def _call(fn, *args, **kwargs):
-    """Call ``fn(*args, ...)`` with the keyword arguments its signature accepts (a progress hook is optional)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return fn(*args, **kwargs)
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return fn(*args, **kwargs)
-    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
+def worker_python(engine: str) -> str | None:
+    """The interpreter a replay engine runs under: vLLM in a worker process (this one's
+    interpreter), so its logs go to the worker's captured stderr, never over the screen."""
+    return sys.executable if engine == "vllm" else None
 
 
 @dataclass
@@ -85,35 +70,15 @@ class ReplayOutcome:
     raw: Any = None
 
 
-def _replay_entry():
-    """``replay_step`` of replay.replayer, else its ``Replayer`` class; Unavailable when neither."""
-    try:
-        return _module("replay.replayer", "replay_step")
-    except Unavailable as first:
-        try:
-            return _module("replay.replayer", "Replayer")
-        except Unavailable:
-            raise first from None
-
-
 def run_replay(req: ReplayRequest, progress: ProgressFn | None = None) -> ReplayOutcome:
-    """Replay ``req.step`` (score mode) under ``req.preset`` + ``req.fixes``; rows land in the replays table.
-
-    Through ``replay.replayer.replay_step`` when it exists, else ``Replayer.replay``
-    with the preset's config in the recorded model dtype (as ``replay.bisect`` does).
-    """
-    entry = _replay_entry()
+    """Replay ``req.step`` (score mode) under ``req.preset`` + ``req.fixes`` in the recorded model
+    dtype (as ``replay.bisect`` does); rows land in the recording's replays table."""
     from replay.fixes import resolve
-    cfg = resolve(req.preset, req.fixes)
-    if not inspect.isclass(entry):
-        raw = _call(entry, req.path, req.step, preset=req.preset, fixes=tuple(req.fixes),
-                    engine=req.engine, progress=progress)
-        config = getattr(raw, "config", None)
-        return ReplayOutcome(req, getattr(config, "id", cfg.id), raw)
-    with entry(req.path, engine=req.engine) as rp:
-        recorded = rp.recorded_config()
-        cfg = dataclasses.replace(cfg, dtype=recorded.dtype)
-        raw = _call(rp.replay, req.step, cfg, mode="score", progress=progress)
+    from replay.replayer import Replayer
+
+    with Replayer(req.path, engine=req.engine, python=worker_python(req.engine)) as rp:
+        cfg = dataclasses.replace(resolve(req.preset, req.fixes), dtype=rp.recorded_config().dtype)
+        raw = rp.replay(req.step, cfg, mode="score", progress=progress)
     return ReplayOutcome(req, raw.config.id, raw)
 
 
@@ -134,10 +99,9 @@ class FixBisection:
 
 # the ablation columns shown first, in this order; the rest follow
 ABLATION_FIRST = ("label", "at_floor", "mean_abs_residual", "direction", "exceed", "n_tokens")
-# short names of the fixes in ablation labels (the full ids stay in the "fixes" column)
-SHORT = {"processed_logprobs": "proc", "v0_runtime_defaults": "v0rt",
-         "paused_weight_update": "paused", "fp32_lm_head": "fp32", "cumulative ": "cum ",
-         "recorded config": "recorded", "all lacking fixes": "all lacking"}
+# short names in ablation labels (the full fix ids stay in the "fixes" column)
+SHORT = {**FIX_SHORT, "cumulative ": "cum ", "recorded config": "recorded",
+         "all lacking fixes": "all lacking"}
 
 
 def _shorten(label: Any) -> Any:
@@ -167,23 +131,20 @@ def _table_of(ablation: Any) -> tuple[list[str], list[tuple]]:
 def run_bisect_fixes(req: ReplayRequest, progress: ProgressFn | None = None) -> FixBisection:
     """Delta-debug, at ``req.step``, the fixes the recording lacks with ``replay.bisect.bisect_fixes``
     (it starts from the recorded config, whatever preset the panel shows)."""
-    fn = _module("replay.bisect", "bisect_fixes")
-    raw = _call(fn, req.path, req.step, engine=req.engine, progress=progress)
-    get = raw.get if isinstance(raw, dict) else lambda k, d=None: getattr(raw, k, d)
-    minimal = get("fixes")
-    cols, rows = _table_of(get("ablation"))
+    from replay.bisect import bisect_fixes
+
+    raw = bisect_fixes(req.path, req.step, engine=req.engine, python=worker_python(req.engine),
+                       progress=progress)
+    minimal = raw.get("fixes")
+    cols, rows = _table_of(raw.get("ablation"))
     return FixBisection(list(minimal) if minimal is not None else None, cols, rows, raw,
-                        explained=get("explained"), already_applied=list(get("already_applied") or []),
-                        reason=get("reason"))
+                        explained=raw.get("explained"), already_applied=list(raw.get("already_applied") or []),
+                        reason=raw.get("reason"))
 
 
-def bisect_steps(run: Path, against: Path) -> dict | None:
+def bisect_steps(run: Path, against: Path) -> dict:
     """``replay.bisect.bisect_steps(run, against)``: a dict with ``step`` (the onset or None),
-    ``method`` and ``evidence``; None when replay.bisect is absent."""
-    try:
-        fn = _module("replay.bisect", "bisect_steps")
-    except Unavailable:
-        return None
-    out = fn(run, against)
-    return out if isinstance(out, dict) else {"step": getattr(out, "step", None),
-                                              "evidence": getattr(out, "evidence", None)}
+    ``method`` and ``evidence``."""
+    from replay.bisect import bisect_steps as steps
+
+    return steps(run, against)

@@ -57,9 +57,10 @@ class QueryDone(Message):
     """A SQL console query finished: columns and (at most ``limit``) rows, or an error text."""
 
     def __init__(self, sql: str, columns: list[str], rows: list[tuple], elapsed: float,
-                 truncated: bool = False, error: str | None = None) -> None:
+                 truncated: bool = False, error: str | None = None, statements: int = 1) -> None:
         super().__init__()
         self.sql = sql
+        self.statements = statements  # statements the query held (the last result is shown)
         self.columns = columns
         self.rows = rows
         self.elapsed = elapsed

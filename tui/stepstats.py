@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from replay.metrics import clip_bounds
+from replay.recording import quote_ident
 
 SEQ_COLUMNS = ("step", "request_id", "reward", "lr", "lt", "ent")
 
@@ -26,6 +27,7 @@ TRAINER_SQL = ("SELECT step, request_id, time_ns, logprobs AS lt, entropy AS ent
 def fetch(cur, schema: str, step: int | None = None, extra: str = "") -> tuple[pa.Table, pa.Table]:
     """The rollouts (lists of engine logprobs) and trainer rows of ``schema`` (one step, or all)."""
     where, params = (" WHERE step = ?", [step]) if step is not None else ("", None)
+    schema = quote_ident(schema)
     r = cur.sql(ROLLOUT_SQL.format(schema=schema, where=where, extra=extra), params=params).to_arrow_table()
     t = cur.sql(TRAINER_SQL.format(schema=schema, where=where), params=params).to_arrow_table()
     return r, t

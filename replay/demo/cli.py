@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .._cliargs import POSITIVE_INT
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -11,14 +13,14 @@ def add_parser(subparsers) -> None:
                     "reference, V1 defaults, V1 with all four fixes and the ablations; record every run "
                     "into OUT/<run>/, print a table and write a plot.")
     p.add_argument("--out", default="recordings/demo", help="output folder (default: recordings/demo)")
-    p.add_argument("--steps", type=int, default=32, help="trainer steps per run (default: 32)")
+    p.add_argument("--steps", type=POSITIVE_INT, default=32, help="trainer steps per run (default: 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of problems, update positions, sampling")
     p.add_argument("--runs", nargs="+", metavar="RUN",
                    help="runs to make, e.g. v0 v1 v1+fixes v1+processed_logprobs (default: all)")
     p.add_argument("--engine", choices=("reference", "vllm"), default="reference",
                    help="engine for the V1 runs (the V0 reference always runs on the reference engine)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: number of CPUs)")
+    p.add_argument("--jobs", type=POSITIVE_INT, default=None, help="runs in parallel (default: number of CPUs)")
     p.add_argument("--size", choices=("tiny", "small"), default="tiny", help="model size")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="engine dtype of everything but the lm_head (default float32, so the "

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .._cliargs import NONNEG_INT
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -22,7 +24,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--against", default=None, metavar="REF",
                    help="a reference recording: adds the run-vs-run onset as supporting evidence")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--step", type=int, default=None, help="diagnose this step only")
+    which.add_argument("--step", type=NONNEG_INT, default=None, help="diagnose this step only")
     which.add_argument("--steps", default=None, metavar="RANGE", help="steps to diagnose: A-B, 1,3,5 (default: all)")
     p.add_argument("--window", default=None, metavar="RANGE",
                    help="steps the backend search replays (default: 3 from the backend's onset, plus the first "

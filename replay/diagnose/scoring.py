@@ -113,13 +113,13 @@ class ReferenceScorer:
         try:
             import torch
 
-            from ..models import load_model
+            from ..models import check_device, load_model
         except ImportError as e:
             raise ReplayError(f"reference scoring needs torch and transformers ({e}); install the project "
                               "with its engines extra (pip install -e '.[engines]')", "missing dependency") from e
         model = self._models.get(dtype)
         if model is None:
-            _check_device(self.device)
+            check_device(self.device)
             try:
                 model = load_model(self.model_path, dtype="float32" if dtype == "float64" else dtype,
                                    device=self.device)
@@ -363,18 +363,6 @@ def token_logprobs(hidden: Any, head: Any, tokens: Any, dist: Dist, head_dtype: 
     if dist.truncated:
         z = apply_top_k_top_p(z, dist.top_k, dist.top_p)
     return torch.log_softmax(z, -1).gather(-1, tokens[:, None])[:, 0].double()
-
-
-def _check_device(device: str) -> None:
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise BadInput(f"unknown device {device!r} ({e}); use cpu, cuda or cuda:N", field="device") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BadInput(f"device {device!r} asked for, but this machine has no CUDA device; use --device cpu",
-                       field="device")
 
 
 def _shape(s: Seq) -> tuple:

@@ -369,6 +369,5 @@ class VLLMEngine:
         self.close()
 
 
-from ._vllm_v0 import VLLMV0Engine  # noqa: E402  (re-exported: same protocol, V0 engine)
 
-__all__ = ["VLLMEngine", "VLLMV0Engine"]
+__all__ = ["VLLMEngine"]  # the V0 engine, same protocol: replay.engines.vllm_v0.VLLMV0Engine

@@ -162,7 +162,7 @@ def make_engine(kind: str, model: str, config: Any, device: str, seed: int, engi
 
         return VLLMEngine(model, config, device=device, seed=seed, **engine_kwargs)
     if kind == "vllm-v0":
-        from .vllm import VLLMV0Engine
+        from .vllm_v0 import VLLMV0Engine
 
         return VLLMV0Engine(model, config, device=device, seed=seed, **engine_kwargs)
     raise ValueError(f"unknown engine {kind!r}; known engines: {', '.join(ENGINES)}")

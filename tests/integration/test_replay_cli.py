@@ -91,8 +91,10 @@ def test_ctrl_c_stops_a_long_bisection_cleanly(runs, tmp_path):
 
     path = tmp_path / "v1"
     shutil.copytree(runs / "v1", path)
+    # the child takes SIGINT's default whatever this process does with it (a CI runner may ignore it)
     proc = subprocess.Popen([sys.executable, "-m", "replay", "bisect", str(path), "--by", "fixes", "--step", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stderr:
         seen.append(line)

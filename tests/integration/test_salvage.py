@@ -94,13 +94,39 @@ def _killed_run(root: Path, ranks=(0,), steps: int = 3) -> None:
         assert not writer_alive(root, r)
 
 
+def test_reading_a_dead_writer_in_place_writes_nothing(tmp_path):
+    """info, sql and the Python API read a killed writer's open segments as they are: every
+    flushed row, the dead writer named, and not one byte of the recording changed."""
+    import hashlib
+
+    root = tmp_path / "run"
+    _killed_run(root, steps=3)
+
+    def hashes():
+        return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+    before = hashes()
+    with open_recording(root) as rec:
+        info = rec.info()
+        assert (info["rollouts"], info["trainer_rows"], info["tokens"]) == (12, 12, 30)
+        assert info["status"] == "recording" and info["salvage"] is None
+        assert any("writer is gone" in w and "replay doctor" in w for w in info["warnings"])
+    for argv in (["info", str(root), "--format", "json"], ["sql", str(root), "SELECT count(*) FROM rollouts"]):
+        out = subprocess.run([sys.executable, "-m", "replay", *argv], capture_output=True, text=True,
+                             env=_env(), timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "writer is gone" in out.stderr or "writer is gone" in out.stdout
+    assert hashes() == before
+    assert read_manifest(root)["status"] == "recording" and list(root.glob("*/rank-0000/*.arrows"))
+
+
 def test_sigkilled_writer_is_salvaged_with_every_flushed_batch(tmp_path):
     root = tmp_path / "run"
     _killed_run(root, steps=3)
     streams = sorted(root.glob("*/rank-0000/*.arrows"))
     assert streams and not list(root.glob("*/rank-0000/*.arrow"))
     assert read_manifest(root)["status"] == "recording"
-    with open_recording(root) as rec:
+    with open_recording(root, salvage=True) as rec:
         info = rec.info()
         assert info["status"] == "salvaged" and rec.salvaged
         assert info["salvage"]["ranks"] == [0] and info["salvage"]["in_memory"] is False
@@ -118,7 +144,7 @@ def test_sigkilled_writer_is_salvaged_with_every_flushed_batch(tmp_path):
     report = doctor(root, repair=False)
     assert report["ok"] and report["counts"]["closed_segments"] == 3, report
     # a second open finds nothing more to do
-    with open_recording(root) as rec:
+    with open_recording(root, salvage=True) as rec:
         assert rec.info()["salvage"] is None and rec.info()["status"] == "salvaged"
 
 
@@ -128,7 +154,7 @@ def test_torn_tail_is_skipped_and_counted(tmp_path):
     stream = root / "rollouts" / "rank-0000" / "part-00000.arrows"
     with open(stream, "ab") as f:
         f.write(b"\xff\xff\xff\xff\x40\x00\x00\x00" + b"\x00" * 20)  # a batch header cut short
-    with open_recording(root) as rec:
+    with open_recording(root, salvage=True) as rec:
         info = rec.info()
         assert info["rollouts"] == 8 and info["salvage"]["skipped_bytes"] == 28
 
@@ -136,12 +162,12 @@ def test_torn_tail_is_skipped_and_counted(tmp_path):
 def test_replay_info_prints_status_salvaged(tmp_path):
     root = tmp_path / "run"
     _killed_run(root, steps=1)
-    out = subprocess.run([sys.executable, "-m", "replay", "info", str(root), "--format", "json"],
+    out = subprocess.run([sys.executable, "-m", "replay", "info", str(root), "--salvage", "--format", "json"],
                          capture_output=True, text=True, env=_env(), timeout=120)
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     assert info["status"] == "salvaged" and info["rollouts"] == 4
-    out = subprocess.run([sys.executable, "-m", "replay", "info", str(root)],
+    out = subprocess.run([sys.executable, "-m", "replay", "info", str(root), "--salvage"],
                          capture_output=True, text=True, env=_env(), timeout=120)
     assert out.returncode == 0 and any(line.split() == ["status", "salvaged"] for line in out.stdout.splitlines())
 
@@ -149,7 +175,7 @@ def test_replay_info_prints_status_salvaged(tmp_path):
 def test_two_ranks_from_two_processes_are_both_counted(tmp_path):
     root = tmp_path / "run"
     _killed_run(root, ranks=(0, 1), steps=2)
-    with open_recording(root) as rec:
+    with open_recording(root, salvage=True) as rec:
         assert rec.sql("SELECT rank, count(*), sum(token_id) FROM tokens GROUP BY rank ORDER BY rank"
                        ).fetchall() == [(0, 20, 2 * (10 + 22 + 36 + 52)), (1, 20, 2 * (10 + 22 + 36 + 52))]
         assert sorted(r["rank"] for r in rec.info()["ranks"]) == [0, 1]
@@ -162,7 +188,7 @@ def test_a_live_writer_is_read_not_salvaged(tmp_path):
     proc = _start(root, 0, 2)
     try:
         _wait_ready(proc)
-        with open_recording(root) as rec:
+        with open_recording(root, salvage=True) as rec:
             info = rec.info()
             assert info["status"] == "recording" and info["salvage"] is None
             assert info["rollouts"] == 8 and info["open_segments"] == 3
@@ -208,7 +234,7 @@ def test_read_only_folder_is_salvaged_in_memory(tmp_path):
     with open(stream, "ab") as f:
         f.write(b"\xff\xff\xff\xff\x10")  # a continuation marker, then a cut length
     with _read_only(root):
-        with open_recording(root) as rec:
+        with open_recording(root, salvage=True) as rec:
             info = rec.info()
             assert info["status"] == "salvaged" and info["salvage"]["in_memory"] is True
             assert "read-only" in info["salvage"]["reason"]
@@ -241,7 +267,7 @@ def test_refresh_follows_a_writer_that_rotates_segments(tmp_path):
     seen = []
     try:
         _wait_ready(proc)
-        with open_recording(root) as rec:
+        with open_recording(root, salvage=True) as rec:
             deadline = time.monotonic() + 3.0
             while time.monotonic() < deadline:
                 rec.refresh()
@@ -253,7 +279,7 @@ def test_refresh_follows_a_writer_that_rotates_segments(tmp_path):
         _kill(proc)
     assert seen == sorted(seen) and seen[-1] > seen[0]
     assert len(list(root.glob("rollouts/rank-0000/*.arrow"))) >= 2  # it did rotate meanwhile
-    with open_recording(root) as rec:
+    with open_recording(root, salvage=True) as rec:
         n, = rec.sql("SELECT count(*) FROM tokens").fetchall()[0]
         assert rec.info()["status"] == "salvaged" and n >= seen[-1] and n % 24 == 0
 
@@ -298,7 +324,7 @@ def test_doctor_removes_temporary_files_of_interrupted_writes(tmp_path, capsys):
     assert report["ok"] and all(n["repaired"] for n in report["notes"]) and len(report["notes"]) == 2
     assert not any(p.exists() for p in leftovers)
     assert doctor(root, repair=False)["notes"] == []
-    with open_recording(root) as rec:
+    with open_recording(root, salvage=True) as rec:
         assert rec.sql("SELECT count(*) FROM events").fetchall()[0][0] == 1
 
 
@@ -332,11 +358,11 @@ def test_a_replay_writer_does_not_change_the_runs_status(tmp_path):
     try:
         _wait_ready(proc)
         assert writer_alive(root2, REPLAY_RANK) and read_manifest(root2)["status"] == "complete"
-        with open_recording(root2) as rec:
+        with open_recording(root2, salvage=True) as rec:
             assert rec.info()["status"] == "complete"
     finally:
         _kill(proc)
-    with open_recording(root2) as rec:
+    with open_recording(root2, salvage=True) as rec:
         assert rec.info()["status"] == "complete"
         assert rec.sql("SELECT count(*) FROM replays").fetchall()[0][0] == 3
     ranks = read_manifest(root2)["ranks"]

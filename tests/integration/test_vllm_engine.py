@@ -393,8 +393,8 @@ def test_closed_engine_refuses_work_and_close_is_idempotent(tiny_model):
 
 
 def test_v0_engine_runs_the_same_protocol(tiny_model):
-    from replay.engines._vllm_v0 import v0_available
-    from replay.engines.vllm import VLLMV0Engine
+    from replay.engines.vllm_v0 import v0_available
+    from replay.engines.vllm_v0 import VLLMV0Engine
 
     ok, why = v0_available()
     if not ok:
@@ -410,8 +410,8 @@ def test_v0_engine_runs_the_same_protocol(tiny_model):
 
 
 def test_v0_engine_refuses_a_v1_only_install(tiny_model):
-    from replay.engines._vllm_v0 import v0_available
-    from replay.engines.vllm import VLLMV0Engine
+    from replay.engines.vllm_v0 import v0_available
+    from replay.engines.vllm_v0 import VLLMV0Engine
 
     ok, _ = v0_available()
     if ok:

@@ -201,7 +201,7 @@ def probe(root: str, versions: list[int]) -> dict:
     except ReplayError as e:
         out["doctor"] = {"error": [type(e).__name__, e.title, str(e)]}
     try:
-        with open_recording(root) as rec:
+        with open_recording(root, salvage=True) as rec:
             out["counts"] = {}
             for t in (*TABLES, "tokens", "sequences", "step_metrics"):
                 try:  # a query runs when fetched: its failures are DuckDB's own errors

@@ -152,8 +152,9 @@ KILLED = textwrap.dedent("""
 OPENER = textwrap.dedent("""
     import json, sys
     from replay import open_recording
+    print("ready", flush=True)  # imported: waiting for the signal to open
     sys.stdin.readline()  # open together
-    with open_recording(sys.argv[1]) as rec:
+    with open_recording(sys.argv[1], salvage=True) as rec:
         n = rec.sql("SELECT count(*), count(DISTINCT request_id) FROM rollouts").fetchall()[0]
         print(json.dumps({"rows": n[0], "distinct": n[1], "status": rec.info()["status"]}))
 """)
@@ -167,7 +168,8 @@ def test_readers_salvaging_one_dead_writer_at_once(tmp_path, faults):
     assert r.returncode == -9, r.stderr
     procs = [subprocess.Popen([sys.executable, "-c", OPENER, str(root)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
-    time.sleep(1.0)  # let them import
+    for p in procs:  # each has imported replay and waits: the opens that follow are concurrent
+        assert p.stdout.readline().strip() == "ready", p.stderr.read()
     for p in procs:
         p.stdin.write("go\n")
         p.stdin.flush()

@@ -86,7 +86,7 @@ def run_child(tmp_path, mode: str, limit: int, root=None):
 
 def check_phase1(root):
     """Everything written before the disk filled up reads back."""
-    with open_recording(root) as rec:
+    with open_recording(root, salvage=True) as rec:
         ids = {r[0] for r in rec.sql("SELECT request_id FROM rollouts").fetchall()}
         assert {f"a{s}-{i}" for s in range(5) for i in range(4)} <= ids
         assert rec.sql("SELECT count(*) FROM metrics").fetchall()[0][0] >= 5

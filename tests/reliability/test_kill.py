@@ -50,7 +50,7 @@ def check_recording(root: Path, scenario: str, last: int | None, closed: bool, t
     """Assert what a killed (or finished) writer must have left; returns the row counts."""
     sc = SCENARIOS[scenario]
     flushed = -1 if last is None else last
-    with open_recording(root) as rec:
+    with open_recording(root, salvage=True) as rec:
         ids = [r[0] for r in rec.sql("SELECT request_id FROM rollouts").fetchall()]
         assert len(ids) == len(set(ids)), f"duplicate rollouts in {root}"
         want = {request_id(s, i) for s in range(flushed + 1) for i in range(sc["per_step"])}
@@ -138,7 +138,7 @@ import sys
 from replay import open_recording
 print("ready", flush=True)
 root = sys.stdin.readline().strip()
-with open_recording(root) as rec:
+with open_recording(root, salvage=True) as rec:
     rec.sql("SELECT count(*) FROM rollouts").fetchall()
 print("done", flush=True)
 """

@@ -70,9 +70,9 @@ def test_manifest_segment_outside_is_never_read(rec_dir, tmp_path, faults, path)
     man = _manifest(rec_dir)
     man["ranks"]["0"]["segments"].setdefault("rollouts", []).append({"path": path, "rows": 5, "sha256": "0" * 64})
     _save(rec_dir, man)
-    with open_recording(rec_dir) as rec:
-        assert rec.sql("SELECT count(*) FROM rollouts").fetchall()[0][0] == 3
-        assert not rec.sql("SELECT * FROM rollouts WHERE request_id LIKE 'evil%'").fetchall()
+    with pytest.raises(RecordingError, match="outside the recording") as e:
+        open_recording(rec_dir)  # refused, never read: the evil rows are not answered from
+    assert e.value.title == "damaged recording" and "replay doctor" in str(e.value)
     rep = doctor(rec_dir, repair=False)
     assert not rep["ok"]
     assert any(p["path"] == path and "outside the recording" in p["reason"] for p in rep["problems"]), rep
@@ -80,12 +80,13 @@ def test_manifest_segment_outside_is_never_read(rec_dir, tmp_path, faults, path)
 
 
 @pytest.mark.parametrize("blob", ["../x.zst", "/tmp/x.zst", "weights/blobs/../../../x.zst", "..\\x.zst", "C:\\x.zst"])
-def test_weight_blob_outside_is_refused(rec_dir, faults, blob):
+def test_weight_blob_outside_is_refused(rec_dir, faults, blob, relist):
     seg = segment_path(rec_dir, "weights", 0, 0, open_=False)
     table = ipc.open_file(str(seg)).read_all()
     table = table.set_column(table.schema.get_field_index("blob"), "blob", pa.array([blob] * table.num_rows))
     with open(seg, "wb") as f, ipc.new_file(f, table.schema) as w:
         w.write_table(table)
+    relist(seg)
     with open_recording(rec_dir) as rec, pytest.raises(RecordingError, match="outside the recording"):
         rec.load_weights(0, framework="numpy")
     rep = doctor(rec_dir, repair=False)
@@ -150,16 +151,17 @@ def test_schema_versions_outside_what_this_replay_reads(rec_dir, faults, capsys,
     faults.add(faults=1)
 
 
-def _rewrite(seg, change):
+def _rewrite(seg, change, relist):
     table = ipc.open_file(str(seg)).read_all()
     table = change(table)
     with open(seg, "wb") as f, ipc.new_file(f, table.schema) as w:
         w.write_table(table)
+    relist(seg)
 
 
-def test_older_segments_without_later_columns_open(rec_dir, faults):
+def test_older_segments_without_later_columns_open(rec_dir, faults, relist):
     seg = segment_path(rec_dir, "rollouts", 0, 0, open_=False)
-    _rewrite(seg, lambda t: t.drop_columns(["engine_config", "num_cached_tokens"]))
+    _rewrite(seg, lambda t: t.drop_columns(["engine_config", "num_cached_tokens"]), relist)
     with open_recording(rec_dir) as rec:
         rows = rec.sql("SELECT count(*), count(engine_config), count(num_cached_tokens) FROM rollouts").fetchall()
         assert rows == [(3, 0, 0)]
@@ -168,13 +170,13 @@ def test_older_segments_without_later_columns_open(rec_dir, faults):
     faults.add(faults=1)
 
 
-def test_segments_with_extra_columns_open(rec_dir, faults):
+def test_segments_with_extra_columns_open(rec_dir, faults, relist):
     seg = segment_path(rec_dir, "rollouts", 0, 0, open_=False)
 
     def newer(t):
         t = t.append_column("novel", pa.array([f"x{i}" for i in range(t.num_rows)]))
         return t.replace_schema_metadata({**t.schema.metadata, SCHEMA_KEY: b"2"})
-    _rewrite(seg, newer)
+    _rewrite(seg, newer, relist)
     with open_recording(rec_dir) as rec:
         assert sorted(r[0] for r in rec.sql("SELECT novel FROM rollouts").fetchall()) == ["x0", "x1", "x2"]
         assert rec.sql("SELECT count(*) FROM sequences").fetchall()[0][0] == 3

@@ -78,9 +78,35 @@ def test_tui_query_path_is_the_same_sandbox(recording):
 
     ws = Workspace(recording)
     try:
-        with pytest.raises(duckdb.Error, match="disabled by configuration"):
+        with pytest.raises(ReplayError, match="disabled by configuration.*reads its tables and views only"):
             ws.run_sql(f"COPY (SELECT 1) TO '{recording}/manifest.json' (FORMAT csv)")
-        cols, rows, _, _ = ws.run_sql("SELECT count(*) AS n FROM run.tokens")
+        cols, rows, _, _, _ = ws.run_sql("SELECT count(*) AS n FROM run.tokens")
         assert cols == ["n"] and rows == [(6,)]
     finally:
         ws.close()
+
+
+def _tiny(root: Path) -> Path:
+    with Recorder(root) as rec:
+        rec.rollout(step=0, request_id="a", prompt_ids=[1], output_ids=[2, 3], logprobs=[-0.5, -0.25])
+        rec.trainer(step=0, request_id="a", weight_version=0, logprobs=[-0.5, -0.5])
+    return root
+
+
+@pytest.mark.parametrize("name", ["order", "select", "group", "full", "from"])
+def test_a_folder_named_like_an_sql_keyword_is_a_recording_like_any_other(tmp_path, name):
+    root = _tiny(tmp_path / name)
+    with open_recording(root) as r:
+        assert r.names == [name] and r.info()["tokens"] == 2
+        assert r.sql(f'SELECT n_tokens FROM "{name}".step_metrics').fetchall() == [(2,)]
+    for argv in (["info", str(root)], ["sql", str(root), "SELECT n_tokens FROM step_metrics"]):
+        out = subprocess.run([sys.executable, "-m", "replay", *argv], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+
+
+def test_two_keyword_folders_in_one_query(tmp_path):
+    a, b = _tiny(tmp_path / "order"), _tiny(tmp_path / "select")
+    out = subprocess.run([sys.executable, "-m", "replay", "sql", str(a), str(b), "--format", "csv",
+                          'SELECT x.n_tokens + y.n_tokens FROM "order".step_metrics x JOIN "select".step_metrics y '
+                          "USING (step)"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.splitlines()[1] == "4", out.stderr

@@ -188,7 +188,14 @@ def test_without_trainer_rows_the_backend_is_still_diagnosed(llama, tmp_path):
     path = L.record(sc, llama, tmp_path)
     import shutil
 
-    shutil.rmtree(path / "trainer")
+    from replay.manifest import update_manifest
+
+    shutil.rmtree(path / "trainer")   # as if the trainer never wrote: no files, no entries
+
+    def change(man):
+        for entry in man["ranks"].values():
+            entry.get("segments", {}).pop("trainer", None)
+    update_manifest(path, change)
     res = diagnose(path, write=False)
     assert res["verdict"] == "backend" and res["backend"]["fixes"] == ["fp32_lm_head"]
     assert res["trainer"]["explained"] is None and "trainer rows" in res["trainer"]["reason"]

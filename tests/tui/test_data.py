@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 import sys
 
 import numpy as np
@@ -162,7 +163,11 @@ def test_tui_command_parses_and_refuses_bad_paths(tmp_path):
     args = parser.parse_args(["tui", "a/b", "--against", "c", "--root", "rec"])
     assert (str(args.path), str(args.against), str(args.root), args.func) == ("a/b", "c", "rec", tui_cli.run)
     args = parser.parse_args(["tui"])
-    assert args.path is None and str(args.root) == "recordings"
+    assert args.path is None and tui_cli.runs_root(args.path, args.root) == Path("recordings")
+    # the runs screen lists the folder of the recording opened, not ./recordings
+    run = tmp_path / "runs" / "a"
+    assert tui_cli.runs_root(run, None) == (tmp_path / "runs").resolve()
+    assert tui_cli.runs_root(run, Path("elsewhere")) == Path("elsewhere")
     with pytest.raises(BadInput, match="not a recording"):
         tui_cli.run(parser.parse_args(["tui", str(tmp_path)]))
     with pytest.raises(BadInput, match="needs a PATH"):

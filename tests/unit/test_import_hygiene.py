@@ -46,3 +46,79 @@ def test_the_import_check_itself_catches_offenders():
     assert IMPORT_RE.search("x = 1\nfrom textual.app import App\n")
     assert IMPORT_RE.search("    import tui.app")
     assert not IMPORT_RE.search("# the tui imports replay\nimport tuition\n")
+
+
+def _module_level_imports(packages=("replay", "tui")) -> dict[str, set[str]]:
+    """{module: modules of these packages it imports when it is itself imported} (imports inside
+    functions run later, on a call, and are left out)."""
+    import ast
+
+    def name(p: Path) -> str:
+        parts = list(p.relative_to(REPO).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    files = {name(p): p for pkg in packages for p in (REPO / pkg).rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for mod, path in files.items():
+        pkg = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        deps: set[str] = set()
+        todo = list(ast.parse(path.read_text()).body)
+        while todo:
+            node = todo.pop()
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = pkg.split(".")[:len(pkg.split(".")) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                deps |= {target} | {f"{target}.{a.name}" for a in node.names}
+            todo.extend(ast.iter_child_nodes(node))
+        graph[mod] = {d for d in deps if d in files and d != mod}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycle_at_module_level():
+    """A cycle makes a module fail when it is the first one imported (the V0 engine did)."""
+    graph = _module_level_imports()
+    assert "replay.engines.vllm_v0" in graph and "replay.engines.vllm" in graph["replay.engines.vllm_v0"]
+    assert _cycles(graph) == []
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the check works
+
+
+def test_the_v0_engine_module_imports_first():
+    r = subprocess.run([sys.executable, "-c", "import replay.engines.vllm_v0 as m; print(m.VLLMV0Engine.__name__)"],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "VLLMV0Engine", r.stderr

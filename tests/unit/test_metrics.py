@@ -260,3 +260,24 @@ def test_sql_rejects_odd_relation_names(name):
 
 def test_sql_has_no_trailing_semicolon():
     assert not step_metrics_sql().rstrip().endswith(";")
+
+
+def test_a_replays_recorded_metrics_do_not_depend_on_the_replayed_support():
+    """Tokens a replayed config could not have sampled (-inf there) are counted, left out of the
+    replayed metrics only: the recorded metrics are the same whatever config is replayed."""
+    from replay.fixes import resolve
+    from replay.replayer import ReplayResult
+
+    rec, tr = [-0.5, -1.0, -0.2, -0.7], [-0.4, -1.1, -0.2, -0.9]
+
+    def result(replayed):
+        return ReplayResult(step=0, config=resolve("v1"), engine="reference", mode="score", replay_id="x",
+                            rows=[{"request_id": "a", "recorded": rec, "trainer": tr, "replayed": replayed}])
+    inside = result([-0.5, -1.0, -0.2, -0.7]).summary()
+    outside = result([-0.5, float("-inf"), -0.2, float("-inf")]).summary()
+    assert inside["recorded"] == outside["recorded"]
+    assert outside["recorded"]["n_tokens"] == 4
+    assert outside["replayed"]["outside_support"] == 2 and outside["replayed"]["n_tokens"] == 2
+    assert outside["fidelity"]["outside_support"] == 2
+    assert math.isfinite(outside["replayed"]["mean_abs_log_ratio"])
+    assert outside["replayed"]["mean_abs_log_ratio"] == pytest.approx((0.1 + 0.0) / 2)

@@ -11,12 +11,13 @@ from replay.metrics import STEP_METRIC_COLUMNS, step_metrics_lists_sql, step_met
 from replay.schema import SCHEMAS, segment_path
 
 
-def _segment(root, table, rank, rows):
+def _segment(root, table, rank, rows, relist):
     sch = SCHEMAS[table]
     path = segment_path(root, table, rank, 0, open_=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     with ipc.new_file(str(path), sch) as w:
         w.write_table(pa.Table.from_pylist(rows, schema=sch))
+    relist(path)  # listed in the manifest, as a writer of rank `rank` would have
 
 
 def _roll(step, rid, out, lp, tv, reward=1.0, t=1):
@@ -29,7 +30,7 @@ def _tr(step, rid, lp, ent=None, version=3, t=1):
 
 
 @pytest.fixture
-def odd(tmp_path):
+def odd(tmp_path, relist):
     root = tmp_path / "odd"
     with Recorder(root, rank=0, strict=True) as rec:  # ordinary rows
         for i in range(3):
@@ -45,7 +46,7 @@ def odd(tmp_path):
         _roll(2, "twice", [7, 8], [-1.0, -2.0], [1, 2], t=2),
         _roll(3, "unscored", [1], [-1.0], [0]),
         _roll(4, "no-version", [1, 2], [-0.5, -0.5], [0, 0]),
-    ])
+    ], relist)
     _segment(root, "trainer", 5, [
         _tr(1, "long-lp", [-0.2, -0.2, -0.2, -0.2, -0.2], None),
         _tr(2, "null-inside", [-9.0] * 5, [9.0] * 5, t=1),
@@ -54,7 +55,7 @@ def odd(tmp_path):
         _tr(2, "twice", [-1.5, -1.0], [1.0, 1.0]),
         _tr(7, "trainer-only", [-1.0], [1.0]),
         _tr(4, "no-version", [-0.25, -0.75], [0.5, 1.5], version=None),
-    ])
+    ], relist)
     return root
 
 

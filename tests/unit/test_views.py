@@ -215,7 +215,7 @@ def test_tables_without_segments_are_empty_views_with_the_schema(tmp_path):
         assert rec.sql("SELECT kind FROM events").fetchall() == [("run_start",)]
 
 
-def test_older_segments_and_extra_columns_are_unified(known):
+def test_older_segments_and_extra_columns_are_unified(known, relist):
     old = pa.schema([f for f in SCHEMAS["rollouts"] if f.name not in ("num_cached_tokens", "engine_config")]
                     + [pa.field("logit_bias", pa.string())])
     path = segment_path(known, "rollouts", 7, 0, open_=False)
@@ -224,6 +224,7 @@ def test_older_segments_and_extra_columns_are_unified(known):
                                    logprobs=[-2.0], logit_bias="{}")], schema=old)
     with ipc.new_file(str(path), old) as w:
         w.write_table(t)
+    relist(path)
     with open_recording(known) as rec:
         assert rec.sql("SELECT request_id, num_cached_tokens, engine_config, logit_bias FROM rollouts "
                        "ORDER BY request_id").fetchall() == [
@@ -268,7 +269,7 @@ def test_step_filters_over_many_segments_match_a_full_scan(tmp_path):
         assert rec.sql("SELECT count(*) FROM events WHERE step = 4").fetchall() == [(1,)]
 
 
-def test_refresh_picks_up_a_segment_with_a_new_column(known):
+def test_refresh_picks_up_a_segment_with_a_new_column(known, relist):
     with open_recording(known) as rec:
         assert "note" not in rec.sql("SELECT * FROM rollouts").columns
         sch = SCHEMAS["rollouts"].append(pa.field("note", pa.string()))
@@ -278,6 +279,7 @@ def test_refresh_picks_up_a_segment_with_a_new_column(known):
             w.write_table(pa.Table.from_pylist([dict(step=5, request_id="n", rank=3, time_ns=1, prompt_ids=[1],
                                                      output_ids=[1, 2], logprobs=[-1.0, -1.0], note="hi")],
                                                schema=sch))
+        relist(path)
         rec.refresh()
         assert rec.sql("SELECT request_id, note FROM rollouts WHERE note IS NOT NULL").fetchall() == [("n", "hi")]
         assert rec.sql("SELECT count(*) FROM known.tokens").fetchall() == [(8,)]

@@ -17,7 +17,7 @@ BACKGROUND = {LIVE_GROUP, ONSET_GROUP}  # worker groups escape leaves running
 
 
 class BaseScreen(Screen):
-    BINDINGS = [Binding("escape", "back", "back/cancel")]
+    BINDINGS = [Binding("escape", "back", "back")]  # cancels running work first (see action_back)
 
     def running_workers(self) -> list[Worker]:
         return [w for w in self.app.workers if w.node is self and w.is_running and w.group not in BACKGROUND]

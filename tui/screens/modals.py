@@ -32,10 +32,11 @@ HELP = """\
 | | `,` `.` | previous / next step |
 | | `p` | replay panel |
 | | `c` | colour the tokens by \\|r\\|, e_backend, e_trainer, lag or semantics |
-| replay | `1`–`4` | toggle a fix |
+| replay | `1`–`4` | toggle a fix (`✓` on; the chosen preset and engine read `●`) |
 | | `v` `e` | preset v0/v1, engine reference/vllm |
 | | `r` / `b` | replay the step / bisect the fixes |
-| SQL | `ctrl+enter` `F5` `ctrl+r` | run the query |
+| SQL | `ctrl+enter` `F5` `ctrl+r` | run the query (several statements: the last result shows) |
+| | `escape` | cancel the running query (DuckDB stops it) |
 | | `ctrl+↑` `ctrl+↓` / click | query history |
 
 Tokens are coloured by \\|r\\| = \\|lp_trainer − lp_rollout\\| (or, with `c`, by a part of it:

@@ -13,13 +13,14 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import (Button, Checkbox, DataTable, Footer, Header, Label, ProgressBar,
                              RadioButton, RadioSet, Static)
-from textual.worker import get_current_worker
+from textual.worker import Worker, WorkerState, get_current_worker
 
 from replay.fixes import FIX_DOC, FIX_IDS
 
 from .. import data, engine_adapter
 from ..messages import BisectDone, Progress, ReplayDone, Unavailable
 from ..widgets.cells import cell
+from ..widgets.toggles import MarkedCheckbox, MarkedRadioButton
 from .base import BaseScreen
 
 PRESETS = ("v1", "v0")
@@ -36,7 +37,7 @@ class ReplayScreen(BaseScreen):
         Binding("v", "cycle('preset')", "preset"),
         Binding("e", "cycle('engine')", "engine"),
         Binding("r", "run_replay", "replay"),
-        Binding("b", "run_bisect", "bisect fixes"),
+        Binding("b", "run_bisect", "bisect"),
     ]
 
     def __init__(self, step: int, on_done: Callable[[], None] | None = None) -> None:
@@ -57,17 +58,17 @@ class ReplayScreen(BaseScreen):
             with Vertical(id="replay-options"):
                 yield Label("fixes (1-4)")
                 for i, fix in enumerate(FIX_IDS):
-                    cb = Checkbox(f"{i + 1} {fix}", id=f"fix-{fix}")
+                    cb = MarkedCheckbox(f"{i + 1} {fix}", id=f"fix-{fix}")
                     cb.tooltip = FIX_DOC[fix]
                     yield cb
                 yield Label("preset (v)")
                 with RadioSet(id="preset"):
                     for i, p in enumerate(PRESETS):
-                        yield RadioButton(p, value=i == 0, id=f"preset-{p}")
+                        yield MarkedRadioButton(p, value=i == 0, id=f"preset-{p}")
                 yield Label("engine (e)")
                 with RadioSet(id="engine"):
                     for i, e in enumerate(ENGINES):
-                        yield RadioButton(e, value=i == 0, id=f"engine-{e}")
+                        yield MarkedRadioButton(e, value=i == 0, id=f"engine-{e}")
                 with Horizontal(id="replay-buttons"):
                     yield Button("replay", id="do-replay", variant="primary")
                     yield Button("bisect", id="do-bisect")
@@ -170,7 +171,7 @@ class ReplayScreen(BaseScreen):
         if get_current_worker().is_cancelled:
             return
         self.ws.refresh()
-        summary = self.ws.replay_summary(req.step, outcome.config_id)
+        summary = self.ws.replay_summary(req.step, outcome.config_id, req.engine)
         self.post_message(ReplayDone((outcome, summary)))
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="replay", name="bisect fixes")
@@ -197,6 +198,19 @@ class ReplayScreen(BaseScreen):
     def on_cancelled(self) -> None:
         self.query_one("#replay-progress", ProgressBar).display = False
 
+    @on(Worker.StateChanged)
+    def _replay_ended(self, event: Worker.StateChanged) -> None:
+        """A replay or bisection that failed leaves the panel saying so, not "replaying…"."""
+        if event.worker.group != "replay":
+            return
+        if event.state == WorkerState.ERROR:
+            self.on_cancelled()
+            err = event.worker.error
+            self._status(f"{event.worker.name} failed: {' '.join(str(err).split())}", error=True)
+        elif event.state == WorkerState.CANCELLED:
+            self.on_cancelled()
+            self._status(f"{event.worker.name} cancelled", error=True)
+
     def on_replay_done(self, msg: ReplayDone) -> None:
         outcome, summary = msg.result
         self.outcome = outcome
@@ -207,8 +221,12 @@ class ReplayScreen(BaseScreen):
         for row in summary.rows:
             dt.add_row(*(cell(v) for v in row))
         req = outcome.request
+        i = summary.columns.index("outside support") if "outside support" in summary.columns else None
+        outside = sum(int(r[i] or 0) for r in summary.rows) if i is not None else 0
+        why = (f"; {outside} token(s) outside the replayed config's support (logprob -inf there: it "
+               "could not have sampled them), left out of the replayed means" if outside else "")
         self._status(f"replayed step {req.step} as {req.preset}+{'+'.join(req.fixes) or 'no fixes'} "
-                     f"({outcome.config_id}) on {req.engine}: {len(summary.rows)} sequences")
+                     f"({outcome.config_id}) on {req.engine}: {len(summary.rows)} sequences{why}")
         if self.on_done is not None:
             self.on_done()
 

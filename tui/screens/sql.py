@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import duckdb
 from textual import on, work
+from textual.worker import get_current_worker
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
@@ -31,6 +32,7 @@ class SqlScreen(BaseScreen):
         self.history: list[str] = []
         self.hist_pos = 0
         self.last: QueryDone | None = None
+        self._cursor = None   # the cursor the running query uses (to interrupt it)
 
     @property
     def ws(self) -> data.Workspace | None:
@@ -66,30 +68,51 @@ class SqlScreen(BaseScreen):
             self.history.append(sql)
             self.query_one("#sql-history", OptionList).add_option(" ".join(sql.split())[:60])
         self.hist_pos = len(self.history)
-        self._status("running…")
+        self._interrupt()  # a query still running is replaced by this one
+        self._status("running… (escape cancels)")
         self.run_query(sql)
+
+    def _interrupt(self) -> None:
+        cur = self._cursor
+        if cur is not None:
+            try:
+                cur.interrupt()   # DuckDB stops the query: no core left spinning
+            except duckdb.Error:
+                pass
+
+    def _set_cursor(self, cur) -> None:
+        self._cursor = cur
 
     @work(thread=True, exclusive=True, exit_on_error=False, name="SQL query")
     def run_query(self, sql: str) -> None:
         try:
-            cols, rows, truncated, secs = self.ws.run_sql(sql, MAX_ROWS)
+            cols, rows, truncated, secs, n = self.ws.run_sql(sql, MAX_ROWS, on_cursor=self._set_cursor)
         except (duckdb.Error, ReplayError) as e:
+            if get_current_worker().is_cancelled:
+                return  # interrupted on purpose: on_cancelled said so
             self.post_message(QueryDone(sql, [], [], 0.0, error=" ".join(str(e).split())))
             return
-        self.post_message(QueryDone(sql, cols, rows, secs, truncated))
+        if get_current_worker().is_cancelled:
+            return
+        self.post_message(QueryDone(sql, cols, rows, secs, truncated, statements=n))
+
+    def on_cancelled(self) -> None:
+        self._interrupt()
+        self._status("query cancelled", error=True)
 
     def on_query_done(self, msg: QueryDone) -> None:
         self.last = msg
+        dt = self.query_one("#sql-results", DataTable)
+        dt.clear(columns=True)   # never leave an earlier query's rows under this one's answer
         if msg.error:
             self._status(f"error: {msg.error}", error=True)
             return
-        dt = self.query_one("#sql-results", DataTable)
-        dt.clear(columns=True)
         dt.add_columns(*msg.columns)
         for row in msg.rows:
             dt.add_row(*(cell(v) for v in row))
         more = f" (first {MAX_ROWS} shown)" if msg.truncated else ""
-        self._status(f"{len(msg.rows)} rows{more}" if msg.columns else "ok")
+        which = f"; ran {msg.statements} statements, the last one's result shown" if msg.statements > 1 else ""
+        self._status((f"{len(msg.rows)} rows{more}" if msg.columns else "ok") + which)
         self.query_one("#sql-status", Static).tooltip = f"ran in {msg.elapsed * 1000:.0f} ms"
 
     def action_history(self, delta: int) -> None:

@@ -36,8 +36,9 @@ def detail_table(d: data.TokenDetail) -> Table:
             t.add_row(f"  {name}", fmt_value(d.components.get(name)))
     if d.replays:
         t.add_row(Text("replayed lp", style="underline"), "")
-        for label, engine, lp in d.replays:
-            t.add_row(Text(f"{label}", overflow="ellipsis", no_wrap=True), fmt_value(lp))
+        for label, engine, lp in d.replays:   # the config (whole, folded if need be), then its engine
+            t.add_row(Text(f" {label}", overflow="fold"), "")
+            t.add_row(Text(f"   on {engine or '?'}", style="dim"), fmt_value(lp))
     else:
         t.add_row("replayed", Text("none yet (p)", style="dim"))
     for source, pairs in d.topk.items():
@@ -50,11 +51,11 @@ def detail_table(d: data.TokenDetail) -> Table:
 class StepScreen(BaseScreen):
     BINDINGS = [
         Binding("enter", "into_tokens", "tokens"),
-        Binding("left_square_bracket", "sort_column(-1)", "sort ←"),
-        Binding("right_square_bracket", "sort_column(1)", "sort →"),
-        Binding("f", "flip", "flip order"),
-        Binding("comma", "step(-1)", "prev step"),
-        Binding("full_stop", "step(1)", "next step"),
+        Binding("left_square_bracket", "sort_column(-1)", "sort ←", show=False),
+        Binding("right_square_bracket", "sort_column(1)", "sort →", show=False),
+        Binding("f", "flip", "flip order", show=False),
+        Binding("comma", "step(-1)", "prev step", show=False),
+        Binding("full_stop", "step(1)", "next step", show=False),
         Binding("p", "replay", "replay"),
         Binding("c", "colour_by", "colour by"),
     ]

@@ -18,8 +18,8 @@ DIAGNOSE_HINT = "diagnosis: none yet (d: backend, trainer, lag; which fixes)"
 
 class TimelineScreen(BaseScreen):
     BINDINGS = [
-        Binding("left", "move(-1)", "step ←"),
-        Binding("right", "move(1)", "step →"),
+        Binding("left", "move(-1)", "step ←", show=False),
+        Binding("right", "move(1)", "step →", show=False),
         Binding("home", "jump(0)", "first", show=False),
         Binding("end", "jump(-1)", "last", show=False),
         Binding("o", "onset", "onset"),

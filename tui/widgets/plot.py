@@ -130,7 +130,7 @@ class MetricPlot(Widget):
 
     def render(self) -> Text:
         width = max(self.size.width - GUTTER, 1)
-        height = max(self.size.height - 1, 1)
+        height = max(self.size.height - 2, 1)   # a title row above, the step axis below
         series = [self.run, self.ref]
         x0, x1, y0, y1 = data_range(series)
         grids = braille_rows(series, width, height, (x0, x1, y0, y1))
@@ -152,4 +152,27 @@ class MetricPlot(Widget):
                 if c == cur_col:
                     st = st + style["cursor"]
                 out.append(ch, style=st)
+        out.append("\n")
+        out.append(" " * GUTTER)
+        out.append_text(step_axis(x0, x1, width, onset_col, style["axis"], style["onset"]))
         return out
+
+
+def step_axis(x0: float, x1: float, width: int, onset_col: int | None, axis_style, onset_style) -> Text:
+    """The x axis: the first, middle and last step under their columns, and ``▲`` under the onset
+    (visible whatever the cursor covers)."""
+    cells = [" "] * width
+    mid = float(round((x0 + x1) / 2))  # steps are integers: label a real one, under its column
+    marks = [(0, x0), (x_to_cell(mid, x0, x1, width), mid), (width - 1, x1)] if width >= 12 else \
+        [(0, x0), (width - 1, x1)]
+    for col, x in marks:
+        label = f"{x:.0f}" if abs(x - round(x)) < 1e-9 else f"{x:.1f}"
+        start = min(max(col - len(label) // 2, 0), width - len(label)) if col else 0
+        if col == width - 1:
+            start = max(width - len(label), 0)
+        if all(c == " " for c in cells[max(start - 1, 0):start + len(label) + 1]):
+            cells[start:start + len(label)] = label
+    out = Text("".join(cells[:width]), style=axis_style)
+    if onset_col is not None and 0 <= onset_col < width:
+        out = out[:onset_col] + Text("▲", style=onset_style) + out[onset_col + 1:]
+    return out
