@@ -206,7 +206,10 @@ def scan_table(table: str, parts: list[Part], cache: StreamCache | None = None,
                 files.append((p.file, schema_of(p.file)))
                 continue
             except FileNotFoundError:
-                pass
+                if p.stream is None:  # listed and verified a moment ago: someone removed it
+                    raise RecordingError(f"segment {p.file} disappeared while the recording was being "
+                                         "opened (set aside or deleted meanwhile?); open it again",
+                                         "damaged recording") from None
             except RecordingError:
                 if p.stream is None:
                     raise

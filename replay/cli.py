@@ -46,6 +46,7 @@ def _salvage_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--salvage", action="store_true",
                    help="first close the open segments of writers that died (writes to the "
                         "recording, like `replay doctor`); without it nothing is written")
+    p.add_argument("--no-salvage", action="store_true", help=argparse.SUPPRESS)  # the default now
 
 
 def _format_arg(p: argparse.ArgumentParser) -> None:
@@ -146,10 +147,13 @@ def _export(table, path: Path) -> int:
         elif suffix == ".csv":  # lists as JSON text, like --format csv
             with open(tmp, "w", newline="") as f:
                 f.write(to_csv(table.column_names, (tuple(r.values()) for r in table.to_pylist())))
-        else:
+        elif suffix == ".jsonl":  # one object per row
             with open(tmp, "w") as f:
                 for row in table.to_pylist():
                     f.write(json.dumps(jsonable(row)) + "\n")
+        else:                     # one JSON document: the rows as a list of objects
+            with open(tmp, "w") as f:
+                json.dump([jsonable(row) for row in table.to_pylist()], f)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -204,8 +208,8 @@ def _add_builtin(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-rows", type=NONNEG_INT, default=MAX_ROWS,
                    help=f"rows a table shows (default {MAX_ROWS}; json and csv print all)")
     p.add_argument("--out", metavar="FILE",
-                   help="write the result to FILE instead (.parquet, .csv, .json or .jsonl: one "
-                        "object per row); the only way a query writes a file")
+                   help="write the result to FILE instead (.parquet, .csv, .json: a list of "
+                        "objects, .jsonl: one object per line); the only way a query writes a file")
     _salvage_arg(p)
     _format_arg(p)
     p.set_defaults(func=cmd_sql)

@@ -116,18 +116,18 @@ def doctor(path: str | os.PathLike, *, repair: bool = True) -> dict:
     leftover: set[int] = set()  # ranks of finished writers that left open segments
     for table, ps in parts.items():
         for p in ps:
-            if p.file is not None and not alive.get(p.rank):
-                rel = part_path(p)
-                if rel in listed:
-                    _check_listed_file(root, table, p, listed[rel], repair, rep, edits, hashes)
-                else:
-                    unlisted.append(p)
-            elif p.file is not None:
-                rep.counts["closed_segments"] += 1
-            if p.stream is not None and not alive.get(p.rank):  # a live writer's tail is not a problem
-                if p.file is not None:
+            if alive.get(p.rank):  # a live writer's segments are its own: counted, not touched
+                rep.counts["closed_segments"] += p.file is not None
+                continue
+            is_listed = p.file is not None and part_path(p) in listed
+            if is_listed:
+                _check_listed_file(root, table, p, listed[part_path(p)], repair, rep, edits, hashes)
+            elif p.file is not None and p.stream is None:
+                unlisted.append(p)
+            if p.stream is not None:
+                if is_listed and p.file is not None:  # listed, and it checked out: the stream is spare
                     _leftover_stream(root, p, repair, rep)
-                elif _check_open(root, p, repair, rep):
+                elif _check_open(root, p, repair, rep):  # the salvage closes it (keeping a good file)
                     leftover.add(p.rank)
     for p in unlisted:
         _check_unlisted(root, p, repair, rep, edits, hashes)
@@ -265,9 +265,7 @@ def _check_listed_file(root: Path, table: str, p: Part, want: dict, repair: bool
     rows, why = _readable(table, p)
     if why is None:
         size = p.file.stat().st_size
-        if listed_rows is not None and listed_rows != rows:
-            why = f"has {rows} rows, the manifest says {listed_rows}"
-        elif isinstance(want.get("bytes"), int) and want["bytes"] != size:
+        if isinstance(want.get("bytes"), int) and want["bytes"] != size:
             why = f"has {size} bytes, the manifest says {want['bytes']}"
         elif want.get("sha256") and want["sha256"] != sha256_file(p.file):
             why = "its sha256 differs from the manifest's: the file changed after it was closed"
@@ -276,6 +274,12 @@ def _check_listed_file(root: Path, table: str, p: Part, want: dict, repair: bool
         rep.counts["rows"] += rows
         if want.get("sha256"):
             hashes.setdefault(want["sha256"], rel)
+        if listed_rows is not None and listed_rows != rows:  # the bytes are the recorded ones: the entry is wrong
+            if repair:
+                edits.drop.add(rel)
+                edits.add.append((p.rank, segment_entry(table, p.file, rows)))
+            rep.add(rel, f"the manifest says {listed_rows} rows, the file (whose sha256 matches) holds "
+                    f"{rows}" + (": entry corrected" if repair else ""), repaired=repair)
         return
     if not repair:
         rep.add(rel, f"{why} (readers refuse the recording until it is set aside)", rows_lost=listed_rows)

@@ -220,7 +220,13 @@ class Recorder:
         try:
             write_atomic(path, json.dumps(head, indent=1, sort_keys=True).encode())
         except OSError as e:
+            if old is not None:   # a stale header of another run must not outlive this one
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
             if self.strict:
+                os.close(self._lock_fd)   # this rank is not held: it can be opened again
                 raise RecordingError(f"cannot write {path}: {e}", "cannot record") from e
             log.warning("recorder: cannot write %s (%s); the manifest still holds the run config", path, e)
 

@@ -246,8 +246,12 @@ def select_parts(man: dict, parts: dict[str, list[Part]], files=LocalFiles) -> S
     for p in (q for ps in sel.parts.values() for q in ps):
         if p.file is not None:
             p.stream = None  # the listed file holds the rows; a leftover stream is not read
+    # slots seen as a stream only: a live writer may have closed and listed it since the
+    # listing (the stream is read, or, once gone, the listed file: see scan_table's admit)
+    streaming = {part_path(p, p.stream.with_suffix(FILE_SUFFIX)) for ps in parts.values() for p in ps
+                 if p.stream is not None}
     for rel, want in sorted(listed.items()):
-        if rel in seen:
+        if rel in seen or rel in streaming:
             continue
         if outside(rel):
             sel.damage.append(f"the manifest lists {rel!r}, outside the recording")
@@ -400,19 +404,26 @@ def dead_ranks(root: Path, man: dict, parts: dict[str, list[Part]]) -> list[int]
     return sorted(r for r in candidates if not writer_alive(root, r))
 
 
-def _close_stream(part: Part, report: SalvageReport, remove: list[Path]) -> dict | None:
+def _close_stream(part: Part, report: SalvageReport, remove: list[Path],
+                  listed: dict[str, dict]) -> dict | None:
     """Turn ``part``'s stream into a closed file; returns its manifest segment entry. The
-    stream goes into ``remove``: it is deleted once the manifest lists the file."""
+    stream goes into ``remove``: it is deleted once the manifest lists the file. A closed
+    file already beside the stream is kept when it reads and matches what the manifest lists
+    for it (if anything); otherwise the stream is the better copy and replaces it."""
     stream = part.stream
     if part.file is not None:
+        want = listed.get(part_path(part))
         try:
             _, _, rows = check_file(part.file)
+            entry = segment_entry(part.table, part.file, rows)
+            if want is not None and want.get("sha256") and want["sha256"] != entry["sha256"]:
+                raise RecordingError("changed after it was listed", "corrupt segment")
         except RecordingError:
-            part.file = None  # a torn closed file: the stream is the better copy
+            part.file = None  # a torn or changed closed file: the stream is the better copy
         else:
             remove.append(stream)  # the close finished but left its stream behind
             part.stream = None
-            return segment_entry(part.table, part.file, rows)
+            return entry
     contents = read_stream(stream)
     report.streams += 1
     report.batches += len(contents.batches)
@@ -497,6 +508,7 @@ def salvage(root: Path, ranks: list[int], *, leftovers: bool = False) -> Salvage
 
     def change(man: dict) -> None:
         entries = rank_entries(man)
+        listed = listed_segments(man)
         parts = scan_parts(root)
         for rank in ranks:
             if writer_alive(root, rank):
@@ -506,7 +518,7 @@ def salvage(root: Path, ranks: list[int], *, leftovers: bool = False) -> Salvage
                 continue  # another reader salvaged it first
             segs = _unlisted_files(man, [p for t in parts for p in parts[t] if p.rank == rank])
             segs += [s for t in parts for p in parts[t] if p.rank == rank and p.stream is not None
-                     and (s := _close_stream(p, report, remove)) is not None]
+                     and (s := _close_stream(p, report, remove, listed)) is not None]
             entry = dict(entry)
             entry["segments"] = _merge_segments(entry.get("segments"), segs)
             if not leftovers or rank not in entries:

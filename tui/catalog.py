@@ -62,7 +62,7 @@ def describe(path: Path, root: Path) -> RunEntry:
         return entry
     entry.status = info["status"]
     if entry.status == "recording" and not any(r.get("writer_alive") for r in info.get("ranks", [])):
-        entry.status = "recording (writer gone: salvaged on open)"
+        entry.status = "recording (writer gone: read as it is; replay doctor closes it)"
     entry.steps = int(info["steps"]["count"] or 0)
     entry.rollouts = int(info["rollouts"])
     entry.tokens = int(info["tokens"])

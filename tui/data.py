@@ -438,12 +438,15 @@ class Workspace:
         called with the cursor the query runs on (``cur.interrupt()`` stops it), then with None.
         duckdb.Error and ReplayError propagate."""
         t0 = time.perf_counter()
-        statements = self.rec.statements(sql)
-        if not statements:
-            raise ReplayError("the query holds no SQL statement (it is empty or only comments)", "sql error")
         cols: list[str] = []
         rows: list[tuple] = []
-        with self.cursor() as cur:
+        with self.cursor() as cur:   # this thread's own cursor: the main connection is not thread-safe
+            try:
+                statements = [st.query for st in cur.extract_statements(sql)]
+            except duckdb.Error as e:
+                raise sql_error(e) from e
+            if not statements:
+                raise ReplayError("the query holds no SQL statement (it is empty or only comments)", "sql error")
             if on_cursor is not None:
                 on_cursor(cur)
             try:

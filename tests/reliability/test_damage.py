@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -69,8 +67,19 @@ def _counts(root: Path) -> dict[str, int]:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "replay", *args], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    """``replay ARGS`` through the command line's own entry point, in this process (what a
+    subprocess would print and return, without its start-up cost)."""
+    import contextlib
+    import io
+
+    from replay.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code
+    return subprocess.CompletedProcess(["replay", *args], code, out.getvalue(), err.getvalue())
 
 
 def _listed(root: Path, table: str) -> list[tuple[str, int]]:
@@ -227,4 +236,70 @@ def test_check_only_reports_and_changes_nothing(rec, faults):
     assert any(p["path"] == rel and not p["repaired"] for p in rep["problems"]), rep
     assert not any("replay doctor" in p["reason"] for p in rep["problems"]), rep  # no circular advice
     assert _hashes(rec) == before
+    faults.add(faults=1)
+
+
+def _stream_copy(seg: Path) -> Path:
+    """The open-stream twin of a closed segment (what its writer had before closing it)."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+    table = ipc.open_file(str(seg)).read_all()
+    stream = seg.with_suffix(".arrows")
+    with pa.OSFile(str(stream), "wb") as f, ipc.new_stream(f, table.schema) as w:
+        w.write_table(table)
+    return stream
+
+
+def _unlist(root: Path, rel: str) -> None:
+    man = json.loads((root / "manifest.json").read_text())
+    for entry in man["ranks"].values():
+        for t, segs in entry["segments"].items():
+            entry["segments"][t] = [s for s in segs if s["path"] != rel]
+    (root / "manifest.json").write_text(json.dumps(man))
+
+
+def test_an_unreadable_unlisted_file_beside_its_stream_loses_nothing(rec, faults):
+    """A close whose manifest update failed (disk full) leaves the stream and an unlisted file:
+    readers read the stream; doctor keeps the stream's rows even when the file is bad."""
+    rel, rows = _listed(rec, "rollouts")[1]
+    seg = rec / rel
+    _stream_copy(seg)
+    _unlist(rec, rel)
+    seg.write_bytes(seg.read_bytes()[:100])
+    assert _counts(rec) == TOTAL   # the stream is read
+    rep = _repaired(rec)
+    assert rep["counts"]["rows_lost"] == 0 and _counts(rec) == TOTAL
+    assert not seg.with_suffix(".arrows").exists() and rel in dict(_listed(rec, "rollouts"))
+    faults.add(faults=1)
+
+
+def test_a_wrong_row_count_in_the_manifest_is_corrected_not_set_aside(rec, faults):
+    rel, rows = _listed(rec, "trainer")[0]
+    man = json.loads((rec / "manifest.json").read_text())
+    for entry in man["ranks"].values():
+        for s in entry["segments"].get("trainer", []):
+            if s["path"] == rel:
+                s["rows"] = rows + 5
+    (rec / "manifest.json").write_text(json.dumps(man))
+    rep = _repaired(rec)
+    assert any(p["path"] == rel and "entry corrected" in p["reason"] for p in rep["problems"]), rep
+    assert rep["counts"]["rows_lost"] == 0 and rep["counts"]["set_aside"] == 0
+    assert dict(_listed(rec, "trainer"))[rel] == rows and _counts(rec) == TOTAL
+    faults.add(faults=1)
+
+
+def test_a_dead_writers_changed_file_is_replaced_by_its_stream(rec, faults):
+    """The writer died after listing a file and before deleting its stream, and the file was then
+    replaced by another valid segment: the salvage keeps the stream's rows, not the impostor."""
+    (a, rows), (b, _) = _listed(rec, "rollouts")[:2]
+    _stream_copy(rec / a)
+    shutil.copy(rec / b, rec / a)          # readable, but not the bytes the manifest lists
+    man = json.loads((rec / "manifest.json").read_text())
+    man["ranks"]["0"]["status"] = "recording"   # its writer never closed (and holds no lock)
+    (rec / "manifest.json").write_text(json.dumps(man))
+    rep = _repaired(rec)
+    assert rep["counts"]["rows_lost"] == 0
+    assert _counts(rec) == TOTAL
+    with open_recording(rec) as r:
+        assert r.sql("SELECT count(*) - count(DISTINCT request_id) FROM rollouts").fetchall() == [(0,)]
     faults.add(faults=1)

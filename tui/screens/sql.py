@@ -33,6 +33,7 @@ class SqlScreen(BaseScreen):
         self.hist_pos = 0
         self.last: QueryDone | None = None
         self._cursor = None   # the cursor the running query uses (to interrupt it)
+        self._owner = None    # the worker running it
 
     @property
     def ws(self) -> data.Workspace | None:
@@ -68,7 +69,9 @@ class SqlScreen(BaseScreen):
             self.history.append(sql)
             self.query_one("#sql-history", OptionList).add_option(" ".join(sql.split())[:60])
         self.hist_pos = len(self.history)
-        self._interrupt()  # a query still running is replaced by this one
+        for w in self.running_workers():  # a query still running is replaced by this one:
+            w.cancel()                    # cancelled first, so its interrupt error is not shown
+        self._interrupt()
         self._status("running… (escape cancels)")
         self.run_query(sql)
 
@@ -80,19 +83,23 @@ class SqlScreen(BaseScreen):
             except duckdb.Error:
                 pass
 
-    def _set_cursor(self, cur) -> None:
-        self._cursor = cur
-
     @work(thread=True, exclusive=True, exit_on_error=False, name="SQL query")
     def run_query(self, sql: str) -> None:
+        me = get_current_worker()
+
+        def own(cur) -> None:  # the cursor of this worker's query; an older worker never clears it
+            if cur is not None:
+                self._cursor, self._owner = cur, me
+            elif self._owner is me:
+                self._cursor = self._owner = None
         try:
-            cols, rows, truncated, secs, n = self.ws.run_sql(sql, MAX_ROWS, on_cursor=self._set_cursor)
+            cols, rows, truncated, secs, n = self.ws.run_sql(sql, MAX_ROWS, on_cursor=own)
         except (duckdb.Error, ReplayError) as e:
-            if get_current_worker().is_cancelled:
+            if me.is_cancelled:
                 return  # interrupted on purpose: on_cancelled said so
             self.post_message(QueryDone(sql, [], [], 0.0, error=" ".join(str(e).split())))
             return
-        if get_current_worker().is_cancelled:
+        if me.is_cancelled:
             return
         self.post_message(QueryDone(sql, cols, rows, secs, truncated, statements=n))
 
