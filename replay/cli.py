@@ -173,6 +173,18 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import check, check_output
+
+    report = check(args.path)
+    print(check_output(report, args.format))
+    need = args.require or []
+    unknown = [c for c in need if c not in report["commands"]]
+    if unknown:
+        raise _Usage(f"--require {unknown[0]!r}: commands are {', '.join(report['commands'])}")
+    return 1 if any(not report["commands"][c]["ready"] for c in need) else 0
+
+
 def _read_text(path: str) -> str:
     try:
         return Path(path).read_text()
@@ -213,6 +225,16 @@ def _add_builtin(sub: argparse._SubParsersAction) -> None:
     _salvage_arg(p)
     _format_arg(p)
     p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("check", help="which commands a recording supports, and what is missing",
+                       description="Read a recording and say, for each command (info, sql, tui, bisect, "
+                                   "rerun, diagnose), whether it has what the command needs; what is "
+                                   "missing and how to record it. Reads only.")
+    p.add_argument("path", help="recording folder")
+    p.add_argument("--require", action="append", metavar="COMMAND",
+                   help="exit 1 unless COMMAND is ready (repeatable), e.g. --require rerun")
+    _format_arg(p)
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("doctor", help="check a recording's files and repair what can be",
                        description="Verify segments, streams and weight blobs; salvage dead "

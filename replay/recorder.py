@@ -41,11 +41,13 @@ with new segment numbers and event ``seq`` after the last one recorded.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -83,10 +85,23 @@ def _length(x: Any) -> int:
 _OPEN: "weakref.WeakSet[Recorder]" = weakref.WeakSet()  # closed at interpreter exit
 
 
+_CRASH: list[BaseException] = []  # the exception that is ending the interpreter, if one is
+
+
+def _note_crash(hook):
+    def excepthook(exc_type, exc, tb):
+        _CRASH.append(exc)
+        hook(exc_type, exc, tb)
+    excepthook.replay_wrapped = True
+    return excepthook
+
+
 @atexit.register
 def _close_open_recorders() -> None:
+    """Close what is still open at exit: after an uncaught exception the ranks are marked
+    ``salvaged`` with the error (the run did not finish), else ``complete``."""
     for rec in list(_OPEN):
-        rec.close()
+        rec.close(error=_CRASH[-1] if _CRASH else None)
 
 
 def _guarded(fn: Callable) -> Callable:
@@ -191,6 +206,8 @@ class Recorder:
         self._closed = False
         self._writer = Writer(self.path, rank, cfg, self._on_segment, append=(mode == "append"))
         _OPEN.add(self)
+        if not getattr(sys.excepthook, "replay_wrapped", False):
+            sys.excepthook = _note_crash(sys.excepthook)
 
     # ---------------------------------------------------------------- manifest
     def _open_entry(self, mode: str):
@@ -261,6 +278,15 @@ class Recorder:
 
     # ---------------------------------------------------------------- public API
     @_guarded
+    @contextlib.contextmanager
+    def step(self, step: int, *, weight_version: int | None = None, **detail: Any):
+        """``with rec.step(k):`` around one training step: ``step_start`` (with the version
+        serving it, if given) on entry, ``step_end`` when the body finishes. A body that raises
+        leaves the step without its end: a replay then knows the step may be partial."""
+        self.event("step_start", step=step, weight_version=weight_version, **detail)
+        yield self
+        self.event("step_end", step=step)
+
     def event(self, kind: str, *, step: int | None = None, weight_version: int | None = None,
               request_id: str | None = None, **detail: Any) -> None:
         """One event; ``detail`` keywords are stored as a JSON object. ``seq`` orders events of this rank."""
@@ -412,8 +438,11 @@ class Recorder:
                 "closed": self._closed}
 
     # ---------------------------------------------------------------- closing
-    def close(self) -> None:
-        """Write everything, turn every segment into an Arrow file, mark the rank complete. Idempotent."""
+    def close(self, *, error: BaseException | None = None) -> None:
+        """Write everything, turn every segment into an Arrow file, and mark the rank
+        ``complete``, or, when the run ends on ``error`` (an exception out of the ``with``
+        block, or an uncaught one at interpreter exit), ``salvaged`` with the error named:
+        every row is kept, but the run did not finish. Idempotent."""
         with self._lock:
             if self._closed:
                 return
@@ -433,6 +462,9 @@ class Recorder:
                 entry.update(status="complete", closed_at=now_iso(), counts=counts,
                              rejects=counts.get("rejects", 0), errors=entry.get("errors", 0) + w.errors,
                              next_seq=self._seq)
+                if error is not None:
+                    entry.update(status="salvaged", salvaged_at=now_iso(),
+                                 crashed=f"{type(error).__name__}: {' '.join(str(error).split())[:500]}")
             update_manifest(self.path, change)
             w.remove_closed_streams()
         except Exception as e:  # noqa: BLE001
@@ -455,6 +487,7 @@ class Recorder:
             self.close()
             return
         try:  # an exception is on its way: keep the data, do not mask it
-            self.close()
+            ended_well = isinstance(exc, SystemExit) and exc.code in (None, 0)
+            self.close(error=None if ended_well or not isinstance(exc, BaseException) else exc)
         except ReplayError as e:
             log.error("recorder: %s", e)

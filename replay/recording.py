@@ -340,6 +340,9 @@ class Recording:
                        f"read ({shown}); `replay doctor {m.root}` adopts or sets them aside")
         out += [f"rank {r}'s writer is gone without closing: its open segments are read as they "
                 f"are; `replay doctor {m.root}` closes them" for r in m.dead]
+        out += [f"rank {r}'s run ended on an error ({e['crashed']}): every row written is kept, "
+                "the run did not finish" for r, (_, e) in sorted(rank_entries(m.manifest).items())
+                if e.get("crashed")]
         return out
 
     def _ranks(self, m: _Member) -> list[dict]:
@@ -356,8 +359,11 @@ class Recording:
             closed = sum(1 for sc in m.scans.values() for p in sc.files if _rank_of(p) == r)
             opened = sum(1 for sc in m.scans.values() for p in sc.streams if _rank_of(p) == r)
             alive = writer_alive(m.root, r) if m.fs is None else None  # no locks to ask remotely
-            out.append({"rank": r, "status": status, "writer_alive": alive,
-                        "closed_segments": closed, "open_segments": opened})
+            row = {"rank": r, "status": status, "writer_alive": alive,
+                   "closed_segments": closed, "open_segments": opened}
+            if e.get("crashed"):
+                row["crashed"] = e["crashed"]   # the run ended on this error; its rows are all kept
+            out.append(row)
         return out
 
     def load_weights(self, version: int, framework: str = "torch", *, name: str | None = None) -> dict:

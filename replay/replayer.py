@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -128,6 +129,7 @@ class Replayer:
         self._position: dict[str, int] = {}     # config id -> last step whose generation the engine has seen
         self._weights: dict[int, dict] = {}
         self.engine_calls = 0                   # generate() / generate_groups() calls made, all configs
+        self.warnings: list[str] = []           # what the replay assumed that the recording did not say
 
     def _model_path(self) -> Path:
         from .models import recording_model
@@ -135,9 +137,17 @@ class Replayer:
         return recording_model(self.path, self.rec.run_config())
 
     def recorded_config(self) -> EngineConfig:
+        """The engine config the run recorded. Fields it lacks take the V1 defaults, and are
+        named in :attr:`warnings` (``replay check`` names them too)."""
         cfg = (self.rec.run_config().get("engine") or {}).get("config")
         if not cfg:
-            raise RecordingError(f"{self.path}: the run config holds no engine config", "cannot replay")
+            raise RecordingError(f"{self.path}: the run config holds no engine config (run_config['engine']"
+                                 "['config']); `replay check` says how to record it", "cannot replay")
+        defaulted = sorted({f.name for f in dataclasses.fields(EngineConfig)} - set(cfg))
+        note = (f"the recorded engine config lacks {', '.join(defaulted)}: replayed with the V1 "
+                "defaults for them")
+        if defaulted and note not in self.warnings:
+            self.warnings.append(note)
         return EngineConfig.from_dict(cfg)
 
     def steps(self) -> list[int]:
@@ -234,10 +244,17 @@ class Replayer:
     def _plan(self, step: int, allow_incomplete: bool) -> StepPlan:
         plan = plan_step(self.rec, step)
         if not plan.complete and not allow_incomplete:
+            complete = self.complete_steps()
+            if not plan.missing and not complete:   # no step boundaries at all: not a crash
+                raise RecordingError(
+                    f"{self.path} records no step boundaries (no step_end event), so no step is known "
+                    "to be whole; record them with `with rec.step(k):` (or rec.event('step_end', step=k)), "
+                    "or replay anyway with allow_incomplete=True; `replay check` lists what else is missing",
+                    "incomplete step")
             what = (f"{len(plan.missing)} submitted request(s) have no rollout" if plan.missing
                     else "it has no step_end event")
-            raise RecordingError(f"step {step} is incomplete in {self.path} ({what}): the writer stopped "
-                                 f"during it; complete steps: {_ranges(self.complete_steps())}",
+            raise RecordingError(f"step {step} is incomplete in {self.path} ({what}): its writer stopped "
+                                 f"or never marked its end; complete steps: {_ranges(complete) or 'none'}",
                                  "incomplete step")
         return plan
 

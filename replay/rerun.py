@@ -96,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
     with Replayer(args.path, engine=args.engine, device=args.device, python=args.python,
                   model_path=args.model) as rp:
         cfg = config_from_args(args, rp.recorded_config())
+        for w in rp.warnings:
+            print(f"replay: warning: {w}", file=sys.stderr)
         if every:  # every complete step; an incomplete one (a writer killed during it) is named
             steps = rp.complete_steps()
             if not steps:

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from replay import Recorder
+from replay import Recorder, open_recording
 from replay._segments import IPC_OPTIONS, stream_to_file
 from replay._writer import BoundedQueue
 from replay.errors import RecordingError, ReplayError
@@ -244,7 +244,36 @@ def test_exception_in_with_block_keeps_data(tmp_path):
             rec.rollout(**rollout_kwargs(0))
             1 / 0
     assert read_table(tmp_path / "r", "rollouts").num_rows == 1
+    man = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    # every row kept, but the run did not finish: salvaged, with the error named, never complete
+    assert man["status"] == "salvaged" and man["ranks"]["0"]["status"] == "salvaged"
+    assert man["ranks"]["0"]["crashed"].startswith("ZeroDivisionError")
+    with open_recording(tmp_path / "r") as r:
+        info = r.info()
+    assert info["status"] == "salvaged" and info["ranks"][0]["crashed"].startswith("ZeroDivisionError")
+    assert any("ended on an error" in w for w in info["warnings"])
+
+
+def test_sys_exit_0_in_the_with_block_is_a_finished_run(tmp_path):
+    with pytest.raises(SystemExit):
+        with Recorder(tmp_path / "r") as rec:
+            rec.rollout(**rollout_kwargs(0))
+            raise SystemExit(0)
     assert json.loads((tmp_path / "r" / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_an_uncaught_exception_outside_a_with_block_marks_the_run_salvaged(tmp_path):
+    """A loop that opens a Recorder without ``with`` and dies on an exception: the recorder is
+    closed at exit, salvaged, with the error (the interpreter's own traceback still printed)."""
+    code = ("import sys\nfrom replay import Recorder\n"
+            f"rec = Recorder({str(tmp_path / 'r')!r})\n"
+            "rec.rollout(step=0, request_id='a', prompt_ids=[1], output_ids=[2], logprobs=[-1.0])\n"
+            "raise RuntimeError('weight load failed')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "RuntimeError: weight load failed" in r.stderr
+    man = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert man["status"] == "salvaged" and man["ranks"]["0"]["crashed"] == "RuntimeError: weight load failed"
+    assert read_table(tmp_path / "r", "rollouts").num_rows == 1
 
 
 def test_torn_stream_keeps_complete_batches(tmp_path):
@@ -494,3 +523,15 @@ def test_closed_segment_is_byte_identical_to_pyarrows_own_file(tmp_path):
     assert data == ref.read_bytes()
     assert entry == {"rows": 10, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert pa.ipc.open_file(str(tmp_path / "part-00000.arrow")).read_all().equals(pa.Table.from_batches(batches))
+
+
+def test_step_context_records_the_boundaries_and_none_for_a_step_that_raised(tmp_path):
+    with Recorder(tmp_path / "r") as rec:
+        with rec.step(0, weight_version=0):
+            rec.rollout(**rollout_kwargs(0))
+        with pytest.raises(ValueError):
+            with rec.step(1):
+                raise ValueError("trainer blew up")
+    with open_recording(tmp_path / "r") as r:
+        ev = r.sql("SELECT step, kind, weight_version FROM events ORDER BY seq").fetchall()
+    assert ev == [(0, "step_start", 0), (0, "step_end", None), (1, "step_start", None)]
