@@ -63,6 +63,7 @@ class ReplayResult:
     replay_id: str
     rows: list[dict]                      # request_id, recorded, trainer, replayed, versions, output_ids, first_diff
     note: str = ""                        # how the replay was made, where it differs from the recording's path
+    effective: dict = dataclasses.field(default_factory=dict)  # what the engine really ran with (vLLM: block size, ...)
 
     def _cat(self, key: str) -> np.ndarray:
         parts = [np.asarray(r[key], np.float64) for r in self.rows if r.get(key) is not None]
@@ -79,6 +80,8 @@ class ReplayResult:
         rec, rep = self._cat("recorded"), self._cat("replayed")
         out: dict[str, Any] = {"step": self.step, "config_id": self.config.id, "engine": self.engine,
                                "mode": self.mode, "n_sequences": len(self.rows)}
+        if self.effective:
+            out["engine_effective"] = self.effective
         if self.mode == "score" and len(rep) == len(rec) and len(rec):
             same = rep == rec
             d = np.where(same, 0.0, np.abs(rep - rec))
@@ -136,6 +139,12 @@ class Replayer:
 
         return recording_model(self.path, self.rec.run_config())
 
+    def recorded_settings(self) -> dict:
+        """The recorded engine's settings (block size, max_model_len, batch limits, ...: what
+        ``replay.integrations.vllm.describe_llm`` read), which a vLLM replay takes as they were."""
+        settings = (self.rec.run_config().get("engine") or {}).get("settings")
+        return dict(settings) if isinstance(settings, dict) else {}
+
     def recorded_config(self) -> EngineConfig:
         """The engine config the run recorded. Fields it lacks take the V1 defaults, and are
         named in :attr:`warnings` (``replay check`` names them too)."""
@@ -164,7 +173,8 @@ class Replayer:
 
         eng = self._engines.get(config.id)
         if eng is None:
-            eng = make_engine(self.kind, self.model_path, config, device=self.device, python=self.python)
+            eng = make_engine(self.kind, self.model_path, config, device=self.device, python=self.python,
+                              settings=self.recorded_settings())
             self._engines[config.id] = eng
             self._position[config.id] = -1
         return eng
@@ -237,6 +247,7 @@ class Replayer:
             progress(f"step {step} replayed")
         self._position[config.id] = step
         result = self._result(plan, results, config, mode, note)
+        result.effective = dict(getattr(eng, "effective", None) or {})
         if write:
             self._write(result)
         return result

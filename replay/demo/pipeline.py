@@ -82,7 +82,8 @@ def run(spec: RunSpec, progress: Callable[[int, int], None] | None = None) -> di
     path = Path(spec.out_dir) / spec.name
     run_config = {
         "demo": {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("config", "train")},
-        "engine": {"name": ename, "config": cfg.to_dict(), "config_id": cfg.id},
+        "engine": {"name": ename, "config": cfg.to_dict(), "config_id": cfg.id,
+                   **({"settings": _settings(engine)} if spec.engine == "vllm" else {})},
         "trainer": dataclasses.asdict(spec.train),
         "model": spec.model_dir,
     }
@@ -203,3 +204,11 @@ def run(spec: RunSpec, progress: Callable[[int, int], None] | None = None) -> di
 
 def save_summary(path: Path, result: dict) -> None:
     (Path(path) / "demo_summary.json").write_text(json.dumps(result, indent=1))
+
+
+def _settings(engine) -> dict:
+    """What a vLLM replay of this run needs to take as it was (the engine's effective values)."""
+    from ..engines.factory import VLLM_REPLAY_SETTINGS
+
+    eff = getattr(engine, "effective", None) or {}
+    return {k: eff[k] for k in VLLM_REPLAY_SETTINGS if eff.get(k) is not None}

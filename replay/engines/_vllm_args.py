@@ -40,6 +40,22 @@ def platform_device() -> str:
     return str(current_platform.device_type)
 
 
+DEFAULT_MAX_MODEL_LEN = 512  # a replay's context when none is recorded (KV memory stays small on CPU)
+
+
+def default_max_model_len(model_path: str) -> int:
+    """:data:`DEFAULT_MAX_MODEL_LEN`, or the model's own limit (``max_position_embeddings``) when
+    smaller: vLLM refuses a max_model_len above it."""
+    import json
+    from pathlib import Path
+
+    try:
+        limit = json.loads((Path(model_path) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        limit = None
+    return min(DEFAULT_MAX_MODEL_LEN, limit) if isinstance(limit, int) and limit > 0 else DEFAULT_MAX_MODEL_LEN
+
+
 def engine_kwargs(model_path: str, config: EngineConfig, *, dtype: str | None, device: str,
                   max_model_len: int, seed: int, extra: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments for ``vllm.EngineArgs`` that realise ``config``.

@@ -18,20 +18,38 @@ def route_engine_logs() -> None:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 
+# settings of a recorded vLLM engine (run_config["engine"]["settings"]) a vLLM replay takes as
+# they were: what decides the KV-cache blocks (prefix-cache hits), the batches and the length
+VLLM_REPLAY_SETTINGS = ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                        "enable_chunked_prefill")
+
+
+def replay_settings(kind: str, settings: dict | None) -> dict:
+    """The keyword arguments an engine of ``kind`` takes from a recorded engine's ``settings``:
+    for vLLM those of :data:`VLLM_REPLAY_SETTINGS` that were recorded; none for the others."""
+    if kind != "vllm" or not settings:
+        return {}
+    return {k: settings[k] for k in VLLM_REPLAY_SETTINGS if settings.get(k) is not None}
+
+
 def make_engine(kind: str, model_path: str | Path, config: EngineConfig, *, device: str = "cpu",
-                seed: int = 0, python: str | None = None, worker: bool = False):
-    """An object implementing :class:`replay.engines.base.Engine`."""
+                seed: int = 0, python: str | None = None, worker: bool = False,
+                settings: dict | None = None):
+    """An object implementing :class:`replay.engines.base.Engine`. ``settings``: the recorded
+    engine's settings; a vLLM engine takes those of :data:`VLLM_REPLAY_SETTINGS` it finds."""
     route_engine_logs()
     if kind not in ENGINES:
         raise BadInput(f"unknown engine {kind!r}; engines: {', '.join(ENGINES)}", field="engine")
+    extra = replay_settings(kind, settings)
     if python is not None or worker:
         from .client import EngineClient
-        return EngineClient(engine=kind, model_path=str(model_path), config=config, python=python)
+        return EngineClient(engine=kind, model_path=str(model_path), config=config, python=python,
+                            engine_kwargs=extra)
     if kind == "reference":
         from .reference import ReferenceEngine
         return ReferenceEngine(str(model_path), config, device=device, seed=seed)
     from .vllm import VLLMEngine
-    return VLLMEngine(str(model_path), config, device="auto" if device == "cpu" else device, seed=seed)
+    return VLLMEngine(str(model_path), config, device="auto" if device == "cpu" else device, seed=seed, **extra)
 
 
 def engine_name(kind: str) -> str:

@@ -66,7 +66,7 @@ class VLLMEngine:
     supports_forced_output = True
 
     def __init__(self, model_path: Any, config: EngineConfig | None = None, *, dtype: str | None = None,
-                 device: str = "auto", max_model_len: int = 512, seed: int = 0, ignore_eos: bool = False,
+                 device: str = "auto", max_model_len: int | None = None, seed: int = 0, ignore_eos: bool = False,
                  **engine_kwargs: Any):
         self.config = config or EngineConfig()
         self.ignore_eos = ignore_eos  # True: the model's EOS does not end a request (stop_token_ids still do)
@@ -78,6 +78,8 @@ class VLLMEngine:
         # One dict per applied weight update: version, after_step, mode, paused, seconds.
         self.update_log: list[dict[str, Any]] = []
         t0 = time.perf_counter()
+        if max_model_len is None:   # the recorded one is passed in; else at most the model's own
+            max_model_len = va.default_max_model_len(self.model_path)
         kw = self._engine_kwargs(dtype, device, max_model_len, seed, engine_kwargs)
         try:
             self._engine = self._create(kw)
@@ -116,6 +118,7 @@ class VLLMEngine:
             "head_dtype": self._rpc(va.rpc_head_dtype)[0],
             "dtype": str(vc.model_config.dtype).replace("torch.", ""),
             "block_size": vc.cache_config.block_size,
+            "max_model_len": vc.model_config.max_model_len,
             "vocab_size": vc.model_config.get_vocab_size(),
         }
 

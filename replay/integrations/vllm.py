@@ -87,6 +87,16 @@ def describe_llm(llm: Any, *, weight_update: str = "concurrent") -> EngineInfo:
         "head_dtype": head,
         "model": str(getattr(mc, "model", "")),
         "enforce_eager": bool(getattr(mc, "enforce_eager", False)),
+        # what shapes the KV-cache blocks (prefix-cache hits), the batches and the length: a vLLM
+        # replay takes these as they were (see replay.engines.factory.VLLM_REPLAY_SETTINGS)
+        "block_size": getattr(cc, "block_size", None),
+        "max_model_len": getattr(mc, "max_model_len", None),
+        "max_num_seqs": getattr(sc, "max_num_seqs", None),
+        "max_num_batched_tokens": getattr(sc, "max_num_batched_tokens", None),
+        "enable_chunked_prefill": getattr(sc, "enable_chunked_prefill", None),
+        "seed": getattr(mc, "seed", None),
+        "quantization": getattr(mc, "quantization", None),
+        "vllm_version": vllm_version(),
     }
     try:
         ec = EngineConfig(logprobs_mode=mode, enable_prefix_caching=settings["enable_prefix_caching"],

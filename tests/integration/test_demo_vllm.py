@@ -40,7 +40,13 @@ def test_demo_on_real_vllm_records_like_the_reference(tmp_path):
     rerun = subprocess.run([sys.executable, "-m", "replay", "rerun", str(out / "v1"), "--step", "1",
                             "--engine", "vllm", "--format", "json"], capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    fid = json.loads(rerun.stdout)["fidelity"]
+    replayed = json.loads(rerun.stdout)
+    fid = replayed["fidelity"]
+    # the replay ran with the settings the run recorded (block size, context length)
+    settings = data["run_config"]["engine"]["settings"]
+    assert {"block_size", "max_model_len"} <= set(settings)
+    assert {k: replayed["engine_effective"][k] for k in ("block_size", "max_model_len")} == \
+        {k: settings[k] for k in ("block_size", "max_model_len")}
     # stated tolerance: vLLM CPU kernels are deterministic for a fixed batch; allow fp32 rounding
     assert fid["max_abs_diff"] <= 1e-5, fid
     # a range under a config without prefix caching goes through the batched path (on vLLM:

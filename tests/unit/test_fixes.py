@@ -43,3 +43,23 @@ def test_run_names():
     assert parse_run_name("v0") == ("v0", ())
     with pytest.raises(BadInput):
         parse_run_name("v1+nope")
+
+
+def test_a_vllm_replay_takes_the_recorded_settings_and_the_reference_none():
+    from replay.engines.factory import replay_settings
+    recorded = {"block_size": 32, "max_model_len": 256, "max_num_seqs": None, "enforce_eager": True,
+                "enable_chunked_prefill": False}
+    assert replay_settings("vllm", recorded) == {"block_size": 32, "max_model_len": 256,
+                                                 "enable_chunked_prefill": False}
+    assert replay_settings("reference", recorded) == {} and replay_settings("vllm", None) == {}
+
+
+def test_the_default_context_stays_within_the_models_own(tmp_path):
+    import json
+
+    from replay.engines._vllm_args import DEFAULT_MAX_MODEL_LEN, default_max_model_len
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 256}))
+    assert default_max_model_len(str(tmp_path)) == 256
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 32768}))
+    assert default_max_model_len(str(tmp_path)) == DEFAULT_MAX_MODEL_LEN
+    assert default_max_model_len(str(tmp_path / "missing")) == DEFAULT_MAX_MODEL_LEN
