@@ -64,6 +64,7 @@ class ReplayResult:
     rows: list[dict]                      # request_id, recorded, trainer, replayed, versions, output_ids, first_diff
     note: str = ""                        # how the replay was made, where it differs from the recording's path
     effective: dict = dataclasses.field(default_factory=dict)  # what the engine really ran with (vLLM: block size, ...)
+    cache_compared: bool = True           # False: scored without the generation path (no prefix-cache hits to compare)
 
     def _cat(self, key: str) -> np.ndarray:
         parts = [np.asarray(r[key], np.float64) for r in self.rows if r.get(key) is not None]
@@ -82,6 +83,13 @@ class ReplayResult:
                                "mode": self.mode, "n_sequences": len(self.rows)}
         if self.effective:
             out["engine_effective"] = self.effective
+        pairs = [(int(r["recorded_cached"]), int(r["num_cached_tokens"])) for r in self.rows
+                 if r.get("recorded_cached") is not None and r.get("num_cached_tokens") is not None]
+        if self.cache_compared and pairs:   # the KV the recording saw vs the KV the replay had
+            out["prefix_cache"] = {"requests": len(pairs),
+                                   "requests_differ": sum(a != b for a, b in pairs),
+                                   "recorded_tokens": sum(a for a, _ in pairs),
+                                   "replayed_tokens": sum(b for _, b in pairs)}
         if self.mode == "score" and len(rep) == len(rec) and len(rec):
             same = rep == rec
             d = np.where(same, 0.0, np.abs(rep - rec))
@@ -248,6 +256,7 @@ class Replayer:
         self._position[config.id] = step
         result = self._result(plan, results, config, mode, note)
         result.effective = dict(getattr(eng, "effective", None) or {})
+        result.cache_compared = not note   # the generation path ran: its prefix-cache hits are real
         if write:
             self._write(result)
         return result
@@ -282,7 +291,8 @@ class Replayer:
                          "trainer": r.trainer_logprobs, "replayed": np.asarray(res.logprobs, np.float32),
                          "versions": list(res.token_versions) if getattr(res, "token_versions", None) else None,
                          "output_ids": out, "first_diff": first, "recorded_versions": r.token_versions,
-                         "num_cached_tokens": getattr(res, "num_cached_tokens", None)})
+                         "num_cached_tokens": getattr(res, "num_cached_tokens", None),
+                         "recorded_cached": r.num_cached_tokens})
         return ReplayResult(step=plan.step, config=config, engine=self.kind, mode=mode,
                             replay_id=uuid.uuid4().hex[:12], rows=rows, note=note)
 

@@ -134,6 +134,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"config: {' '.join(f'{k}={v}' for k, v in out[0]['config'].items())}")
     if out[0]["note"]:
         print(f"note: {out[0]['note']}")
+    differ = [s for s in out if (s.get("prefix_cache") or {}).get("requests_differ")]
+    for s in differ:
+        pc = s["prefix_cache"]
+        print(f"replay: warning: step {s['step']}: prefix-cache hits differ from the recording in "
+              f"{pc['requests_differ']} of {pc['requests']} requests ({pc['replayed_tokens']} cached prompt "
+              f"tokens replayed, {pc['recorded_tokens']} recorded): expected when the replayed config "
+              "changes prefix caching or the block size; under the recorded one, the replay's KV is not the run's",
+              file=sys.stderr)
     if any(s.get("replayed", {}).get("outside_support") for s in out):
         print("outside support: scored tokens the replayed config could not have sampled (logprob "
               "-inf there); the replayed metrics leave them out, the recorded ones do not")

@@ -29,6 +29,8 @@ def test_replay_under_the_recorded_config_is_exact(runs):
             for step in rp.steps():
                 s = rp.replay(step, write=False).summary()
                 assert s["fidelity"]["exact"], (name, step, s["fidelity"])
+                # the replay's prefix cache served what the run's did, request by request
+                assert s["prefix_cache"]["requests_differ"] == 0, (name, step, s["prefix_cache"])
 
 
 def test_regenerate_with_the_same_seeds_gives_the_same_tokens(runs):
@@ -66,6 +68,9 @@ def test_v0_semantics_shrink_the_mismatch_of_a_v1_step(runs):
         cfg = dataclasses.replace(resolve("v0"), dtype=rp.recorded_config().dtype)
         s = rp.replay(3, cfg, write=False).summary()
     assert s["replayed"]["mean_abs_log_ratio"] < 0.7 * s["recorded"]["mean_abs_log_ratio"]
+    # v0 has no prefix cache: the hits the v1 run recorded are not there, and that is said
+    pc = s["prefix_cache"]
+    assert pc["recorded_tokens"] > 0 and pc["replayed_tokens"] == 0 and pc["requests_differ"] > 0
     assert s["replayed"]["clip_rate"] < s["recorded"]["clip_rate"]
 
 
