@@ -20,6 +20,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "step and token views, replay panel, SQL console.")
     p.add_argument("path", nargs="?", type=Path, help="recording to open (default: list --root)")
     p.add_argument("--against", type=Path, default=None, help="reference recording to compare with")
+    p.add_argument("--model", type=Path, default=None, metavar="PATH",
+                   help="model folder for replays and diagnoses (default: the one the run config names; "
+                        "give it when the recording was copied away from it)")
     p.add_argument("--root", type=Path, default=None,
                    help="folder the runs screen lists, two levels deep (default: the folder holding "
                         "PATH, else recordings/)")
@@ -48,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ReplayError(f"the terminal UI needs textual ({e}); install replay-rl[tui]",
                           "tui unavailable") from None
-    app = app_mod.make_app(args.path, args.against, runs_root(args.path, args.root))
+    if args.model is not None and not (Path(args.model) / "config.json").is_file():
+        raise BadInput(f"--model {args.model} is not a model folder (no config.json)", field="model")
+    app = app_mod.make_app(args.path, args.against, runs_root(args.path, args.root), model=args.model)
     app.run()
     return int(app.return_code or 0)

@@ -32,9 +32,10 @@ class ReplayApp(App):
     ]
 
     def __init__(self, path: Path | None = None, against: Path | None = None,
-                 root: Path = Path("recordings"), live_interval: float = 1.0) -> None:
+                 root: Path = Path("recordings"), live_interval: float = 1.0, model: Path | None = None) -> None:
         super().__init__()
         self.root = Path(root)
+        self.model = Path(model) if model is not None else None   # --model: replays and diagnoses use it
         self.start_path = Path(path) if path is not None else None
         self.start_against = Path(against) if against is not None else None
         self.live_interval = live_interval   # seconds between refreshes of a live run
@@ -61,7 +62,7 @@ class ReplayApp(App):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="open", name="open recordings")
     def _open(self, run: Path, against: Path | None) -> None:
-        ws = data.Workspace(run, against)
+        ws = data.Workspace(run, against, model=self.model)
         self.call_from_thread(self._opened, ws)
 
     def _opened(self, ws: data.Workspace) -> None:
@@ -110,7 +111,9 @@ class ReplayApp(App):
 
 
 def make_app(path: str | Path | None = None, against: str | Path | None = None,
-             root: str | Path = "recordings", live_interval: float = 1.0) -> ReplayApp:
-    """The app, opening ``path`` against ``against`` when given, listing ``root`` otherwise."""
+             root: str | Path = "recordings", live_interval: float = 1.0,
+             model: str | Path | None = None) -> ReplayApp:
+    """The app, opening ``path`` against ``against`` when given, listing ``root`` otherwise;
+    ``model``: the model folder replays and diagnoses use (default: the one the run recorded)."""
     return ReplayApp(Path(path) if path else None, Path(against) if against else None,
-                     Path(root), live_interval=live_interval)
+                     Path(root), live_interval=live_interval, model=Path(model) if model else None)

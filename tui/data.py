@@ -155,8 +155,9 @@ def _f(x) -> float | None:
 class Workspace:
     """A run and (optionally) its reference, open in one DuckDB connection."""
 
-    def __init__(self, run: Path, against: Path | None = None):
+    def __init__(self, run: Path, against: Path | None = None, model: Path | None = None):
         self.run_path = Path(run)
+        self.model_path = Path(model) if model is not None else None  # None: the recorded model
         self.ref_path = Path(against) if against is not None else None
         paths = [self.run_path] + ([self.ref_path] if self.ref_path else [])
         names = [RUN, REF][:len(paths)]
@@ -266,7 +267,7 @@ class Workspace:
         reference scores and replays go into the run's recording, then the views are re-read."""
         from replay.diagnose import diagnose
 
-        res = diagnose(self.run_path, against=self.ref_path, progress=progress)
+        res = diagnose(self.run_path, against=self.ref_path, model_path=self.model_path, progress=progress)
         self.refresh()
         return res
 

@@ -59,6 +59,8 @@ class ReplayRequest:
     fixes: tuple[str, ...] = ()
     # "reference" (PyTorch) or "vllm"
     engine: str = "reference"
+    # the model folder (None: the one the recording names)
+    model: Path | None = None
 
 
 @dataclass
@@ -76,7 +78,7 @@ def run_replay(req: ReplayRequest, progress: ProgressFn | None = None) -> Replay
     from replay.fixes import resolve
     from replay.replayer import Replayer
 
-    with Replayer(req.path, engine=req.engine, python=worker_python(req.engine)) as rp:
+    with Replayer(req.path, engine=req.engine, python=worker_python(req.engine), model_path=req.model) as rp:
         cfg = dataclasses.replace(resolve(req.preset, req.fixes), dtype=rp.recorded_config().dtype)
         raw = rp.replay(req.step, cfg, mode="score", progress=progress)
     return ReplayOutcome(req, raw.config.id, raw)
@@ -134,7 +136,7 @@ def run_bisect_fixes(req: ReplayRequest, progress: ProgressFn | None = None) -> 
     from replay.bisect import bisect_fixes
 
     raw = bisect_fixes(req.path, req.step, engine=req.engine, python=worker_python(req.engine),
-                       progress=progress)
+                       model_path=req.model, progress=progress)
     minimal = raw.get("fixes")
     cols, rows = _table_of(raw.get("ablation"))
     return FixBisection(list(minimal) if minimal is not None else None, cols, rows, raw,

@@ -172,6 +172,11 @@ def test_tui_command_parses_and_refuses_bad_paths(tmp_path):
         tui_cli.run(parser.parse_args(["tui", str(tmp_path)]))
     with pytest.raises(BadInput, match="needs a PATH"):
         tui_cli.run(parser.parse_args(["tui", "--against", str(tmp_path)]))
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    (rec / "manifest.json").write_text("{}")
+    with pytest.raises(BadInput, match="not a model folder"):
+        tui_cli.run(parser.parse_args(["tui", str(rec), "--model", str(tmp_path)]))
 
 
 def test_replay_tui_command_reports_a_bad_path_and_exits_1(tmp_path):

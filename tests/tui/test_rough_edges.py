@@ -328,3 +328,40 @@ async def test_the_runs_screen_lists_the_folder_of_the_recording_opened(run_path
         runs = app.screen
         assert isinstance(runs, RunsScreen)
         assert sorted(e.name for e in runs.runs) == ["v0", "v1"]
+
+
+@pytest.mark.timeout(600)
+@run_async
+async def test_a_copied_recording_replays_with_model(demo_runs, tmp_path, settle):
+    """A recording copied where its recorded model path does not resolve: the panel says so; with
+    ``--model`` (make_app(model=...)) the same replay runs."""
+    import shutil
+
+    from replay import open_recording
+    from replay.manifest import update_manifest
+    out = demo_runs[0]
+    with open_recording(out / "v1") as rec:
+        model = rec.run_config()["model"]
+    run = tmp_path / "copied" / "v1"
+    shutil.copytree(out / "v1", run)
+
+    def elsewhere(man):
+        man["run_config"]["model"] = "/nonexistent/model"
+    update_manifest(run, elsewhere)
+    for given in (None, model):
+        app = make_app(run, None, root=run.parent, model=given)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await _timeline(pilot, settle)
+            await pilot.press("p")
+            await settle(pilot)
+            panel = app.screen
+            await pilot.press("r")
+            for _ in range(300):
+                await settle(pilot, rounds=1)
+                if panel.outcome is not None or isinstance(app.screen, ErrorScreen):
+                    break
+            if given is None:
+                assert isinstance(app.screen, ErrorScreen) and "--model" in app.screen.err_msg
+            else:
+                assert not isinstance(app.screen, ErrorScreen), app.screen.err_msg
+                assert panel.outcome is not None and panel.query_one("#replay-results", DataTable).row_count > 0

@@ -99,7 +99,7 @@ class ReplayScreen(BaseScreen):
 
     def request(self) -> engine_adapter.ReplayRequest:
         return engine_adapter.ReplayRequest(self.ws.run_path, self.step, self.choice("preset"),
-                                            self.fixes(), self.choice("engine"))
+                                            self.fixes(), self.choice("engine"), self.ws.model_path)
 
     def action_toggle_fix(self, i: int) -> None:
         cb = self.query_one(f"#fix-{FIX_IDS[i]}", Checkbox)
