@@ -109,7 +109,7 @@ async def measure(run: Path, ref: Path, presses: int = 10) -> dict:
             before = step.tokens
             t = time.perf_counter()
             await pilot.press("down")
-            await _until(pilot, lambda: step.tokens is not before)
+            await _until(pilot, lambda b=before: step.tokens is not b)
             seq_lat.append(time.perf_counter() - t)
         await pilot.press("enter")
         await _until(pilot, lambda: step.detail is not None)
@@ -118,7 +118,7 @@ async def measure(run: Path, ref: Path, presses: int = 10) -> dict:
             before = step.detail
             t = time.perf_counter()
             await pilot.press("right")
-            await _until(pilot, lambda: step.detail is not before)
+            await _until(pilot, lambda b=before: step.detail is not b)
             tok_lat.append(time.perf_counter() - t)
         out["sequence_latency"] = _percentiles(seq_lat)
         out["token_latency"] = _percentiles(tok_lat)

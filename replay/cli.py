@@ -262,7 +262,7 @@ def _add_external(sub: argparse._SubParsersAction, chosen: str | None) -> None:
             continue
         try:
             mod = importlib.import_module(module)
-            add = getattr(mod, "add_parser")
+            add = mod.add_parser
         except Exception as e:  # noqa: BLE001 - a broken optional module must not break the rest
             p = sub.add_parser(name, help=help_, add_help=False)
             p.set_defaults(func=_unavailable(name, module, " ".join(str(e).split())))

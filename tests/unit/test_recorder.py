@@ -242,7 +242,7 @@ def test_exception_in_with_block_keeps_data(tmp_path):
     with pytest.raises(ZeroDivisionError):
         with Recorder(tmp_path / "r") as rec:
             rec.rollout(**rollout_kwargs(0))
-            1 / 0
+            _ = 1 / 0
     assert read_table(tmp_path / "r", "rollouts").num_rows == 1
     man = json.loads((tmp_path / "r" / "manifest.json").read_text())
     # every row kept, but the run did not finish: salvaged, with the error named, never complete
