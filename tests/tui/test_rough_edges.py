@@ -36,6 +36,14 @@ async def _timeline(pilot, settle):
     return pilot.app.screen
 
 
+async def _panel(pilot, settle) -> ReplayScreen:
+    await _timeline(pilot, settle)
+    await pilot.press("p")
+    await settle(pilot)
+    assert isinstance(pilot.app.screen, ReplayScreen), pilot.app.screen
+    return pilot.app.screen
+
+
 async def _console(pilot, settle) -> SqlScreen:
     await _timeline(pilot, settle)
     await pilot.press("s")
@@ -61,13 +69,8 @@ async def test_a_failed_replay_leaves_the_panel_saying_so(run_paths, settle):
     run, ref = run_paths
     app = make_app(run, ref)
     async with app.run_test(size=(100, 30)) as pilot:
-        await _timeline(pilot, settle)
-        await pilot.press("p")
-        await settle(pilot)
-        panel = app.screen
-        assert isinstance(panel, ReplayScreen)
-        if engine_adapter.availability("replay") is not None:
-            pytest.skip(f"replay engine not installed: {engine_adapter.availability('replay')}")
+        panel = await _panel(pilot, settle)
+        assert engine_adapter.availability("replay") is None   # the engines extra is installed
         await pilot.press("r")
         await settle(pilot, rounds=8)
         assert isinstance(app.screen, ErrorScreen), app.screen
@@ -153,10 +156,7 @@ async def test_toggles_show_their_state_without_colour(run_paths, settle):
     run, ref = run_paths
     app = make_app(run, ref)
     async with app.run_test(size=(100, 30)) as pilot:
-        await _timeline(pilot, settle)
-        await pilot.press("p")
-        await settle(pilot)
-        panel = app.screen
+        panel = await _panel(pilot, settle)
         box = panel.query_one("#fix-fp32_lm_head", MarkedCheckbox)
         assert box.BUTTON_INNER == " " and "✓" not in screen_text(app)
         await pilot.press("4")
@@ -245,10 +245,7 @@ async def test_tokens_outside_the_support_are_counted_not_averaged(run_paths, se
                        logprobs=lps, config=json.dumps(cfg.to_dict(), sort_keys=True), engine="reference")
     app = make_app(run, ref)
     async with app.run_test(size=(120, 30)) as pilot:
-        await _timeline(pilot, settle)
-        await pilot.press("p")
-        await settle(pilot)
-        panel = app.screen
+        panel = await _panel(pilot, settle)
         summary = app.workspace.replay_summary(ONSET_STEP, cfg.id, "reference")
         cols = summary.columns
         assert "outside support" in cols
