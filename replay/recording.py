@@ -96,9 +96,6 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-_q = quote_ident
-
-
 class Recording:
     """One DuckDB connection over one or several recordings. Use :func:`open_recording`."""
 
@@ -110,7 +107,7 @@ class Recording:
         self._con: duckdb.DuckDBPyConnection | None = duckdb.connect()
         try:
             for m in self._members:
-                self._con.execute(f"CREATE SCHEMA {_q(m.name)}")
+                self._con.execute(f"CREATE SCHEMA {quote_ident(m.name)}")
                 self._load(m)
                 self._create_views(m.name, m.name)
             if len(self._members) == 1:
@@ -183,14 +180,14 @@ class Recording:
         return f"__replay_{schema}_{table}"
 
     def _create_views(self, schema: str, member: str, *, alias: bool = False) -> None:
-        con, s = self._con, _q(schema)
+        con, s = self._con, quote_ident(schema)
         for t in TABLES:
-            src = f"{_q(member)}.{t}" if alias else _q(self._internal(member, t))
+            src = f"{quote_ident(member)}.{t}" if alias else quote_ident(self._internal(member, t))
             con.execute(f"CREATE OR REPLACE VIEW {s}.{t} AS SELECT * FROM {src}")
         if alias:
             for v in DERIVED:
                 if self._has_view(member, v):
-                    con.execute(f"CREATE OR REPLACE VIEW {s}.{v} AS SELECT * FROM {_q(member)}.{v}")
+                    con.execute(f"CREATE OR REPLACE VIEW {s}.{v} AS SELECT * FROM {quote_ident(member)}.{v}")
             return
         con.execute(f"CREATE OR REPLACE VIEW {s}.tokens AS {tokens_sql(s)}")
         con.execute(f"CREATE OR REPLACE VIEW {s}.sequences AS {sequences_sql(s)}")
@@ -282,7 +279,7 @@ class Recording:
     def info(self, name: str | None = None) -> dict:
         """Summary of one recording (the first unless ``name`` is given), JSON-ready."""
         m = self._member(name)
-        s = _q(m.name)
+        s = quote_ident(m.name)
         con = self._live().cursor()
         try:
             for t, scan in m.scans.items():

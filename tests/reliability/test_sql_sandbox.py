@@ -110,3 +110,35 @@ def test_two_keyword_folders_in_one_query(tmp_path):
                           'SELECT x.n_tokens + y.n_tokens FROM "order".step_metrics x JOIN "select".step_metrics y '
                           "USING (step)"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.splitlines()[1] == "4", out.stderr
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".json", ".jsonl"])
+def test_out_exports_the_result_outside_the_recording(recording, tmp_path, suffix):
+    """``--out`` is the one way a query writes: the file holds exactly the query's rows (lists
+    kept, as JSON text in CSV), the recording is unchanged, and a target inside it is refused."""
+    import csv
+    import json
+
+    import pyarrow.parquet as pq
+
+    from replay.cli import main
+
+    before = _hashes(recording)
+    out = tmp_path / f"res{suffix}"
+    q = "SELECT request_id, output_ids, logprobs FROM rollouts ORDER BY request_id"
+    assert main(["sql", str(recording), q, "--out", str(out)]) == 0
+    with open_recording(recording) as r:
+        want = [list(row) for row in r.sql(q).fetchall()]
+    if suffix == ".parquet":
+        got = [list(r.values()) for r in pq.read_table(out).to_pylist()]
+    elif suffix == ".csv":
+        rows = list(csv.reader(out.open()))
+        assert rows[0] == ["request_id", "output_ids", "logprobs"]
+        got = [[a, json.loads(b), json.loads(c)] for a, b, c in rows[1:]]
+    elif suffix == ".json":
+        got = [list(r.values()) for r in json.loads(out.read_text())]
+    else:
+        got = [list(json.loads(line).values()) for line in out.read_text().splitlines()]
+    assert got == [[a, b, pytest.approx(c)] for a, b, c in want] and len(got) == 3
+    assert main(["sql", str(recording), q, "--out", str(recording / f"leak{suffix}")]) == 1
+    assert not (recording / f"leak{suffix}").exists() and _hashes(recording) == before
