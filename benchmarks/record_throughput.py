@@ -7,9 +7,9 @@ rollout, and a few metrics. The same stream is written as
 
 * ``recorder``   replay.Recorder (Arrow IPC stream segments, zstd, rewritten as files on close);
                  ``recorder-strict`` the same with ``strict=True`` (validation on the caller's thread)
-* ``jsonl``      one ``json.dumps`` line per rollout with lists (verl's rollout dumps)
-* ``torch.save`` one file per step, a dict of lists of tensors (slime's debug dumps)
-* ``parquet``    one pandas DataFrame per step through ``to_parquet`` (TRL's completion logs)
+* ``jsonl``      one ``json.dumps`` line per rollout with lists
+* ``torch.save`` one file per step, a dict of lists of tensors (the shape of slime's debug dumps)
+* ``parquet``    one pandas DataFrame per step through ``to_parquet``
 
 with inputs given two ways: Python lists (as vLLM hands them out) and numpy arrays
 / torch tensors. For each it prints output tokens per second end to end (including

@@ -113,6 +113,10 @@ def render(by: str, res: dict) -> str:
             found = f"NOT EXPLAINED by the known fixes: {res.get('reason')}"
         head = (f"step {res['step']}: {found}\nalready applied: {', '.join(res['already_applied']) or 'none'}; "
                 f"searched: {', '.join(lack) or 'none'}   ({res['replays']} replays)")
+        if res.get("explained"):
+            from .diagnose.report import unneeded_lines
+
+            head += "".join("\n" + line for line in unneeded_lines(res, res.get("floor", {}).get("dtype")))
         cols = ["label", "mean_abs_residual", "exceed", "n_tokens", "direction", "at_floor"]
         return head + "\n" + table(cols, [[a[c] for c in cols] for a in res["ablation"]])
     if by == "tokens":

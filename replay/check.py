@@ -29,7 +29,8 @@ HOW = {
     "engine_config": "record the engine's config in the run config: info = "
                      "replay.integrations.vllm.describe_llm(llm); Recorder(path, run_config={'engine': "
                      "{'name': info.engine, 'config': info.engine_config.to_dict()}, 'model': ...})",
-    "model": "name the model folder in the run config (run_config['model'] = path) or pass --model PATH",
+    "model": "record the checkpoint in the recording (rec.model(path): config, tokenizer and weights), name its "
+             "folder in the run config (run_config['model'] = path), or pass --model PATH",
     "weights": "store each version the run serves: rec.weights(version=v, state_dict=model.state_dict()) "
                "(or replay.integrations.torch.record_weights), or rec.weights(version=v, sha256=..., path=CKPT)",
     "token_versions": "stamp each token's weight version: record_outputs(..., weight_version=v) or "
@@ -42,6 +43,7 @@ HOW = {
 
 def check(path: str | os.PathLike) -> dict:
     """What the recording at ``path`` supports; see the module doc."""
+    from .errors import RecordingError
     from .fixes import EngineConfig
     from .models import recorded_model
     from .recording import open_recording
@@ -95,8 +97,12 @@ def check(path: str | os.PathLike) -> dict:
             need("engine_config", "the engine config lacks " + ", ".join(defaulted)
                  + ": a replay would take V1 defaults for them", replay_missing)
         facts["engine_config_defaulted"] = defaulted
-    named, found = recorded_model(root, run_cfg)
-    if found is None:
+    try:
+        named, found = recorded_model(root, run_cfg)
+    except RecordingError as e:
+        named, found = "", None
+        need("model", e.msg, replay_missing)
+    if found is None and named != "":
         what = ("the run config names no model" if named is None
                 else f"the model folder {named} named in the run config is not found from here")
         need("model", what, replay_missing)

@@ -142,6 +142,7 @@ def doctor(path: str | os.PathLike, *, repair: bool = True) -> dict:
                     pr["repaired"] = False
                     pr["reason"] += f" (not done: {done.reason})"
     _check_weights(root, rep)
+    _check_model(root, rep)
     if not man.pop("_rebuilt", False):
         man = read_manifest(root)
     _check_tmp(root, man, repair, rep)
@@ -441,3 +442,13 @@ def _check_weights(root: Path, rep: _Report) -> None:
         except ReplayError as e:
             rep.add(row["blob"], f"weight version {row['version']}: {e}")
 
+
+def _check_model(root: Path, rep: _Report) -> None:
+    """The model the recording carries (``Recorder.model``): every file against its sha256.
+    Nothing to repair: a replay then needs ``--model``."""
+    from .stored_model import stored_model
+
+    try:
+        stored_model(root)
+    except RecordingError as e:
+        rep.add("model", e.msg)

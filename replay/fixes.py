@@ -10,8 +10,9 @@ processed_logprobs   logprobs of the raw logits (before temperature,  ``logprobs
                      top-k, top-p)
 v0_runtime_defaults  prefix caching and async scheduling on            ``enable_prefix_caching=False``,
                                                                        ``async_scheduling=False``
-paused_weight_update weights load while generation goes on            ``pause_generation(mode="keep")`` →
-                                                                       ``load_weights`` → ``resume_generation()``
+paused_weight_update weights load while generation goes on: with      ``pause_generation(mode="keep")`` →
+                     async scheduling the batch in flight computes     ``load_weights`` → ``resume_generation()``
+                     with the old weights and is stamped new
 fp32_lm_head         final projection in bf16                          ``hf_overrides={"head_dtype": "float32"}``
 ==================== ================================================ =========================================
 
@@ -43,7 +44,7 @@ FIX_SHORT: dict[str, str] = {"processed_logprobs": "proc", "v0_runtime_defaults"
 FIX_DOC: dict[str, str] = {
     "processed_logprobs": "logprobs after temperature / top-k / top-p, as the trainer computes them",
     "v0_runtime_defaults": "prefix caching and async scheduling off",
-    "paused_weight_update": "pause generation, load weights, resume: no request sees mixed weights",
+    "paused_weight_update": "pause generation, load weights, resume: no token stamped new is computed by old weights",
     "fp32_lm_head": "final projection in float32, as the trainer's",
 }
 
@@ -65,11 +66,13 @@ class EngineConfig:
     # Schedule step t+1 while step t runs (V1 default on): a new weight version
     # reaches in-flight requests one decode step late.
     async_scheduling: bool = True
-    # How a weight update meets generation. "concurrent": weights load while decoding
-    # goes on, layer by layer, so a step can see a torn model (V1 in-flight update).
-    # "paused": generation pauses, all weights load, generation resumes; in-flight
-    # requests keep their KV (V1 pause_generation(mode="keep"); V0's blocking update
-    # has the same semantics).
+    # How a weight update meets generation. Either way vLLM loads every weight between
+    # two engine steps and in-flight requests keep the KV the old weights wrote.
+    # "concurrent": the scheduler keeps going; with async scheduling the batch already
+    # in flight computes with the old weights (V1 in-flight update).
+    # "paused": generation pauses until nothing is in flight, all weights load,
+    # generation resumes (V1 pause_generation(mode="keep"); V0's blocking update has
+    # the same semantics). Without async scheduling the two are the same.
     weight_update: str = "concurrent"
     # dtype of the final projection (lm_head) and the logits it produces.
     lm_head_dtype: str = "bfloat16"

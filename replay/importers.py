@@ -9,7 +9,14 @@ Kinds:
   ``advantages``, ...). A rollout sample becomes a ``rollouts`` row, a train sample a
   ``trainer`` row (and a ``rollouts`` row when no rollout dump covers its rollout id).
   ``step`` is the rollout id; ``request_id`` the sample's ``index`` (``sample_index`` in
-  train dumps), else its position in the rollout dump. Files load with
+  train dumps), else its position in the rollout dump. A multi-turn sample (its loss mask
+  0 on tokens a tool or the environment appended) becomes one row per turn,
+  ``<index>/turn<j>``, whose prompt is everything before the turn: masked tokens were
+  never sampled, so they are context, not output, and stay out of every metric. Weight
+  versions come per token or per turn (one per generation call); the reward goes on the
+  last turn. A dict reward needs ``reward_key`` (else NULL, with a warning). An
+  evaluation dump (slime names it with ``eval_`` before its rollout id) is skipped; two
+  dumps of one kind for one rollout id are refused. Files load with
   ``torch.load(weights_only=True)`` (numpy arrays allowed); one that needs full
   unpickling is refused unless ``trust_pickle`` (unpickling runs code from the file).
 * ``jsonl`` / ``parquet``: one row per sequence with per-token list fields; column names
@@ -39,11 +46,16 @@ class ImportStats:
     rollouts: int = 0      # rollouts rows
     trainer: int = 0       # trainer rows
     skipped: list[str] = field(default_factory=list)  # files left out, with the reason
+    warnings: list[str] = field(default_factory=list)  # what was recorded as unknown, and why
     steps: set = field(default_factory=set)           # steps written
 
     def to_dict(self) -> dict:
         return {"files": self.files, "rollouts": self.rollouts, "trainer": self.trainer,
-                "steps": sorted(self.steps), "skipped": self.skipped}
+                "steps": sorted(self.steps), "skipped": self.skipped, "warnings": self.warnings}
+
+    def warn(self, text: str) -> None:
+        if text not in self.warnings:
+            self.warnings.append(text)
 
 
 @dataclass
@@ -220,39 +232,111 @@ def _slime_split(sample: dict, where: str, n_key: str) -> tuple[list[int], list[
     return tokens[:len(tokens) - n], tokens[len(tokens) - n:], n
 
 
-def _slime_reward(value: Any, where: str, reward_key: str | None) -> float | None:
+def _slime_turns(mask: Any, n: int, where: str, name: str) -> list[tuple[int, int]]:
+    """``[start, end)`` of each run of generated tokens in a response. slime's loss mask is 1
+    on tokens the model generated and 0 on tokens a multi-turn rollout appended (tool or
+    environment output), which the engine never sampled: each run of 1s is one turn, an
+    engine request of its own whose prompt is everything before it."""
+    if mask is None:
+        return [(0, n)]
+    flags = _ints(mask, where, name)
+    if len(flags) != n:
+        raise BadInput(f"{where}: field {name!r} has {len(flags)} values for {n} response tokens", field=name)
+    if any(f not in (0, 1) for f in flags):
+        raise BadInput(f"{where}: field {name!r} must hold 0 and 1 only", field=name)
+    turns, start = [], None
+    for i, f in enumerate(flags + [0]):
+        if f and start is None:
+            start = i
+        elif not f and start is not None:
+            turns.append((start, i))
+            start = None
+    return turns
+
+
+def _slime_turn_id(rid: str, j: int, turns: list) -> str:
+    return rid if len(turns) == 1 else f"{rid}/turn{j}"
+
+
+def _slime_turn_versions(value: Any, n: int, turns: list, where: str) -> list[list[int] | None] | None:
+    """Each turn's token versions: sliced when the dump has one per response token, one per
+    turn when it has one per generation call (slime appends one per call), the last for
+    every token of a single turn. None: the count fits neither (versions unknown)."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)) and value and len(turns) > 1 and len(value) != n:
+        if len(value) != len(turns):
+            return None
+        vs = [_version(v) for v in value]
+        return [None if v is None else [v] * (e - s) for v, (s, e) in zip(vs, turns)]
+    whole = _versions(value or None, n, where, "weight_versions")
+    return [None if whole is None else whole[s:e] for s, e in turns]
+
+
+def _slime_reward(value: Any, where: str, reward_key: str | None, stats: "ImportStats") -> float | None:
     if isinstance(value, dict):
-        return _scalar(value.get(reward_key), where, f"reward.{reward_key}") if reward_key else None
+        if reward_key is None:
+            stats.warn(f"rewards are dicts (keys: {', '.join(map(str, value))}); recorded as NULL: pass "
+                       "--reward-key KEY to record one of them")
+            return None
+        if reward_key not in value:
+            raise BadInput(f"{where}: reward has no key {reward_key!r} (keys: {', '.join(map(str, value))})",
+                           field="reward")
+        return _scalar(value[reward_key], where, f"reward.{reward_key}")
+    if reward_key is not None and value is not None:
+        stats.warn(f"--reward-key {reward_key} given, but rewards are plain numbers: recorded as they are")
     return _scalar(value, where, "reward")
 
 
-def _slime_rollout_row(sample: dict, step: int, rid: str, where: str, reward_key: str | None) -> dict:
+def _slime_rollout_rows(sample: dict, step: int, rid: str, where: str, reward_key: str | None,
+                        stats: "ImportStats") -> list[dict]:
     prompt, output, n = _slime_split(sample, where, "response_length")
+    turns = _slime_turns(sample.get("loss_mask"), n, where, "loss_mask")
+    lps = _floats(sample.get("rollout_log_probs"), where, "rollout_log_probs", n)
+    if not turns:
+        stats.warn(f"{where}: no generated token (the loss mask is 0 throughout): left out")
+    versions = _slime_turn_versions(sample.get("weight_versions"), n, turns, where)
+    if versions is None:
+        stats.warn(f"{where}: {len(sample['weight_versions'])} weight versions for {len(turns)} turns and "
+                   f"{n} response tokens: token versions recorded as NULL")
+        versions = [None] * len(turns)
     status = sample.get("status")
     status = getattr(status, "value", status)
     cache = sample.get("prefix_cache_info") or {}
-    return dict(step=step, request_id=rid,
-                group_id=None if sample.get("group_index") is None else str(sample["group_index"]),
-                prompt_ids=prompt, output_ids=output,
-                logprobs=_floats(sample.get("rollout_log_probs"), where, "rollout_log_probs", n),
-                token_versions=_versions(sample.get("weight_versions") or None, n, where, "weight_versions"),
-                reward=_slime_reward(sample.get("reward"), where, reward_key),
-                finish_reason=_SLIME_FINISH.get(str(status), None if status is None else str(status)),
-                engine="sglang", num_cached_tokens=cache.get("cached_tokens") if isinstance(cache, dict) else None)
+    reward = _slime_reward(sample.get("reward"), where, reward_key, stats)
+    rows = []
+    for j, (s, e) in enumerate(turns):
+        last = j == len(turns) - 1
+        rows.append(dict(
+            step=step, request_id=_slime_turn_id(rid, j, turns),
+            group_id=None if sample.get("group_index") is None else str(sample["group_index"]),
+            prompt_ids=prompt + output[:s], output_ids=output[s:e], logprobs=lps[s:e], token_versions=versions[j],
+            reward=reward if last else None,
+            finish_reason=(_SLIME_FINISH.get(str(status), None if status is None else str(status)) if last else None),
+            engine="sglang",
+            num_cached_tokens=(cache.get("cached_tokens") if isinstance(cache, dict) and len(turns) == 1 else None)))
+    return rows
 
 
-def _slime_train_rows(sample: dict, step: int, rid: str, where: str) -> tuple[dict, dict]:
+def _slime_train_rows(sample: dict, step: int, rid: str, where: str) -> list[tuple[dict, dict]]:
     prompt, output, n = _slime_split(sample, where, "response_lengths")
-    trainer = dict(step=step, request_id=rid, weight_version=None,
-                   logprobs=_floats(sample.get("log_probs"), where, "log_probs", n),
-                   entropy=None if sample.get("entropy") is None else _floats(sample["entropy"], where, "entropy", n),
-                   advantage=_scalar(sample.get("advantages"), where, "advantages"))
-    rollout = dict(step=step, request_id=rid, prompt_ids=prompt, output_ids=output,
-                   logprobs=_floats(sample.get("rollout_log_probs"), where, "rollout_log_probs", n),
-                   reward=_scalar(sample.get("rewards"), where, "rewards"),
-                   finish_reason="length" if _scalar(sample.get("truncated"), where, "truncated", int) else None,
-                   engine="sglang")
-    return trainer, rollout
+    turns = _slime_turns(sample.get("loss_masks"), n, where, "loss_masks")
+    lps = _floats(sample.get("log_probs"), where, "log_probs", n)
+    ent = None if sample.get("entropy") is None else _floats(sample["entropy"], where, "entropy", n)
+    rollout_lps = _floats(sample.get("rollout_log_probs"), where, "rollout_log_probs", n)
+    advantage = _scalar(sample.get("advantages"), where, "advantages")
+    reward = _scalar(sample.get("rewards"), where, "rewards")
+    truncated = _scalar(sample.get("truncated"), where, "truncated", int)
+    rows = []
+    for j, (s, e) in enumerate(turns):
+        tid, last = _slime_turn_id(rid, j, turns), j == len(turns) - 1
+        trainer = dict(step=step, request_id=tid, weight_version=None, logprobs=lps[s:e],
+                       entropy=None if ent is None else ent[s:e], advantage=advantage)
+        rollout = dict(step=step, request_id=tid, prompt_ids=prompt + output[:s], output_ids=output[s:e],
+                       logprobs=rollout_lps[s:e], reward=reward if last else None,
+                       finish_reason="length" if truncated and last else None, engine="sglang")
+        rows.append((trainer, rollout))
+    return rows
 
 
 def _classify(data: Any, path: Path) -> str:
@@ -261,21 +345,36 @@ def _classify(data: Any, path: Path) -> str:
     return "train" if "dp_shards" in data or "format_version" in data else "rollout"
 
 
+def _is_eval_dump(path: Path, rollout_id: int) -> bool:
+    """slime saves an evaluation dump under the training template with ``eval_`` before the
+    rollout id (``path_template.format(rollout_id="eval_" + str(rollout_id))``,
+    ``RolloutManager._save_debug_rollout_data``), and the same ``rollout_id`` inside: the
+    file's own rollout id, prefixed so, in its name."""
+    import re
+
+    return re.search(rf"(?<![0-9A-Za-z])eval_{rollout_id}(?![0-9])", path.name) is not None
+
+
 def import_slime(src: str | Path, dest: str | Path, *, trust_pickle: bool = False, reward_key: str | None = None,
                  run_config: dict | None = None) -> ImportStats:
     """Import slime debug dumps (a file or a folder of ``*.pt``) into a new recording at ``dest``."""
     stats = ImportStats()
     rollouts: dict[int, list[tuple[str, dict]]] = {}
     trains: dict[int, list[tuple[str, dict, dict]]] = {}
+    seen: dict[tuple[str, int], Path] = {}
     for path in _pt_files(Path(src)):
         data = load_pt(path, trust_pickle=trust_pickle)
         kind = _classify(data, path)
-        if path.stem.startswith("eval_"):
-            stats.skipped.append(f"{path}: evaluation rollouts are not training data")
-            continue
         step = _scalar(data.get("rollout_id"), f"{path}", "rollout_id", int)
         if step is None:
             raise BadInput(f"{path}: field 'rollout_id' is missing", field="rollout_id")
+        if kind == "rollout" and _is_eval_dump(path, step):
+            stats.skipped.append(f"{path}: evaluation rollouts of rollout {step}, not training data")
+            continue
+        if (kind, step) in seen:
+            raise BadInput(f"{path} and {seen[(kind, step)]} are both {kind} dumps of rollout {step}: one may be "
+                           "an evaluation dump or another run's; import them apart", field="rollout_id", step=step)
+        seen[(kind, step)] = path
         stats.files += 1
         for pos, sample in enumerate(data["samples"]):
             where = _where(path, pos)
@@ -283,17 +382,26 @@ def import_slime(src: str | Path, dest: str | Path, *, trust_pickle: bool = Fals
                 raise BadInput(f"{where}: a sample must be a dict, got {type(sample).__name__}", field="samples")
             if kind == "rollout":
                 rid = _slime_request_id(sample, pos, "index")
-                rollouts.setdefault(step, []).append((where, _slime_rollout_row(sample, step, rid, where,
-                                                                                 reward_key)))
+                rollouts.setdefault(step, []).extend(
+                    (where, row) for row in _slime_rollout_rows(sample, step, rid, where, reward_key, stats))
             else:
                 rid = _slime_request_id(sample, pos, "sample_index", "rollout_position")
-                trains.setdefault(step, []).append((where, *_slime_train_rows(sample, step, rid, where)))
+                trains.setdefault(step, []).extend((where, *rows) for rows in _slime_train_rows(sample, step, rid, where))
     writes: list[tuple[str, str, dict]] = []
     for step in sorted(set(rollouts) | set(trains)):
-        have = {row["request_id"] for _, row in rollouts.get(step, [])}
+        have = {row["request_id"]: row for _, row in rollouts.get(step, [])}
+        samples = {rid.split("/turn")[0] for rid in have}
         writes += [(where, "rollouts", row) for where, row in rollouts.get(step, [])]
         for where, trainer, rollout in trains.get(step, []):
-            if rollout["request_id"] not in have:
+            rid = rollout["request_id"]
+            seen_row = have.get(rid)
+            if (seen_row is None and rid.split("/turn")[0] in samples) or (
+                    seen_row is not None and (seen_row["prompt_ids"], seen_row["output_ids"])
+                    != (rollout["prompt_ids"], rollout["output_ids"])):
+                raise BadInput(f"{where}: the train dump's loss mask splits sample {rid.split('/turn')[0]} "
+                               "into other turns than the rollout dump's", field="loss_masks", step=step,
+                               request_id=rid)
+            if seen_row is None:
                 writes.append((where, "rollouts", rollout))
             writes.append((where, "trainer", trainer))
     config = {"imported_from": {"kind": "slime", "src": str(src)}, **(run_config or {})}

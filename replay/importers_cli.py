@@ -6,6 +6,7 @@ Prints one summary line (or JSON with ``--format json``); exit 0 on success. Err
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 from typing import Any
 
@@ -65,4 +66,6 @@ def run(args: argparse.Namespace) -> int:
               f"from {out['files']} file(s) into {args.dest}")
         for line in out["skipped"]:
             print(f"skipped {line}")
+        for line in out["warnings"]:
+            print(f"warning: {line}", file=sys.stderr)
     return 0

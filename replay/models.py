@@ -92,14 +92,25 @@ SIZES: dict[str, ModelShape] = {
 
 
 def recorded_model(recording: str | Path, run_config: dict | None) -> tuple[str | None, Path | None]:
-    """The model folder a recording's run config names (``run_config["model"]``, a path or
-    ``{"path": ...}``), and where it is now: as written (absolute, or relative to the
-    working directory), else relative to the recording folder or one of its parents (a
-    relative path recorded from a project root still resolves from another working
-    directory). ``(named, None)`` when no folder with a ``config.json`` is found there."""
+    """The model folder of a recording and where its config and tokenizer are now.
+
+    A model the recording carries (``Recorder.model``: ``<recording>/model``, every file
+    checked against its sha256) comes first: it is the one the run used, whatever has
+    happened to the checkpoint since. Else the folder the run config names
+    (``run_config["model"]``, a path or ``{"path": ...}``): as written (absolute, or
+    relative to the working directory), else relative to the recording folder or one of
+    its parents (a relative path recorded from a project root still resolves from another
+    working directory). ``(named, None)`` when no folder with a ``config.json`` is found.
+    The carried folder has no weight files: :func:`recording_model` gives a loadable one."""
+    from .stored_model import MODEL_DIR, stored_model
+
     model = (run_config or {}).get("model")
     named = model.get("path") if isinstance(model, dict) else model
-    if not isinstance(named, str) or not named:
+    named = named if isinstance(named, str) and named else None
+    meta = stored_model(recording)
+    if meta is not None:
+        return named or meta.get("source"), Path(recording) / MODEL_DIR
+    if named is None:
         return None, None
     candidates = [Path(named)]
     if not Path(named).is_absolute():
@@ -110,14 +121,21 @@ def recorded_model(recording: str | Path, run_config: dict | None) -> tuple[str 
 
 
 def recording_model(recording: str | Path, run_config: dict | None) -> Path:
-    """The model folder of a recording (see :func:`recorded_model`), or a RecordingError that
-    says how to supply it."""
+    """A loadable checkpoint folder for a recording (see :func:`recorded_model`; a carried
+    model is materialized by :func:`replay.stored_model.materialize`), or a RecordingError
+    that says how to supply one."""
     from .errors import RecordingError
+    from .stored_model import MODEL_DIR, materialize
 
     named, found = recorded_model(recording, run_config)
+    if found is not None and found == Path(recording) / MODEL_DIR:
+        from .recording import open_recording
+
+        with open_recording(recording) as rec:
+            return materialize(recording, rec.load_weights)
     if named is None:
-        raise RecordingError(f"{recording}: the run config names no model (run_config['model']); "
-                             "pass model_path= (--model PATH)", "no model")
+        raise RecordingError(f"{recording}: the recording carries no model (Recorder.model) and the run "
+                             "config names none (run_config['model']); pass model_path= (--model PATH)", "no model")
     if found is None:
         raise RecordingError(f"{recording}: the model folder {named} recorded in the run config is not "
                              "there (looked from the working directory and from the recording's folders); "
@@ -375,15 +393,9 @@ def load_config(path: str | Path) -> dict:
 
 def load_state_dict(path: str | Path, dtype: Any = None) -> dict:
     """HF-named tensors of the checkpoint's ``*.safetensors`` files (cast to ``dtype`` if given)."""
-    from safetensors.torch import load_file
+    from .stored_model import checkpoint_state_dict
 
-    p = _checkpoint_dir(path)
-    files = sorted(p.glob("*.safetensors"))
-    if not files:
-        raise BadInput(f"{p} holds no *.safetensors weights", field="model_path")
-    sd: dict = {}
-    for f in files:
-        sd.update(load_file(str(f)))
+    sd = checkpoint_state_dict(_checkpoint_dir(path))
     if dtype is not None:
         dt = torch_dtype(dtype)
         sd = {k: v.to(dt) for k, v in sd.items()}

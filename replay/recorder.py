@@ -4,6 +4,7 @@
 
     from replay import Recorder
     with Recorder("recordings/run-1", run_config={...}, rank=0) as rec:
+        rec.model("checkpoints/base")   # config, tokenizer, weights as version 0: a copy replays anywhere
         rec.event("weights_update_start", step=3, weight_version=4, mode="concurrent")
         rec.rollout(step=3, request_id="r17", prompt_ids=p, output_ids=o, logprobs=lp, ...)
         rec.trainer(step=3, request_id="r17", weight_version=4, logprobs=tlp, advantage=0.3)
@@ -399,6 +400,32 @@ class Recorder:
         if info is not None and isinstance(version, int):
             self._weights_version.setdefault(info["sha256"], version)
         return info
+
+    @_guarded
+    def model(self, path: str | os.PathLike, *, version: int = 0, step: int | None = None,
+              state_dict: Any = None, store_weights: bool = True) -> dict | None:
+        """Put the checkpoint at ``path`` in the recording, so a copy of it replays anywhere:
+        its config and tokenizer files into ``model/``, and weight ``version`` (default 0) in
+        the weight store: ``state_dict`` when given (the policy as it starts, if it is not the
+        checkpoint's own weights), else the checkpoint's weights. ``store_weights=False``
+        names the checkpoint's weight files where they are instead (a replay then needs that
+        path, or ``--model``). One model per recording; call it from one rank. Returns the
+        model list (:mod:`replay.stored_model`), or None for a failure in lenient mode."""
+        from .stored_model import checkpoint_state_dict, write_model
+
+        self._check_open()
+        info = None
+        try:
+            if store_weights:
+                sd = state_dict if state_dict is not None else checkpoint_state_dict(path)
+                info = self.weights(version=version, step=step, state_dict=sd)
+                if info is None:
+                    return None
+            return write_model(self.path, path, weights_sha256=info["sha256"] if info else None,
+                               weights_version=version if store_weights else None, store_weights=store_weights)
+        except BadInput as e:
+            return self._refuse("weights", {"version": version, "step": step, "sha256": None, "path": str(path)},
+                                e.field or "model", e.msg)
 
     def _put_weights(self, state_dict: Any, delta: bool) -> dict:
         from .weights import WeightStore

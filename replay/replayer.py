@@ -9,7 +9,7 @@ under a chosen :class:`~replay.fixes.EngineConfig`:
 
 ``score``
     teacher-forced on the recorded tokens *through the generation path*: the engine
-    emits the recorded tokens instead of sampling, so updates, torn models, async lag
+    emits the recorded tokens instead of sampling, so updates, async lag
     and the prefix cache act as they would have. Each token's replayed logprob sits
     beside the recorded rollout logprob and the trainer's logprob. Engines that cannot
     force tokens (vLLM) score each token with the weights of the version that produced
@@ -249,7 +249,7 @@ class Replayer:
         else:
             results = self._score_by_version(eng, plan)
             note = ("scored per token version with score(): this engine cannot force tokens through its "
-                    "generation path, so in-flight effects (torn model, async lag, stale prefix cache) "
+                    "generation path, so in-flight effects (an update mid-sequence, async lag, stale prefix cache) "
                     "are not replayed")
         if progress:
             progress(f"step {step} replayed")

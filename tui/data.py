@@ -355,7 +355,10 @@ class Workspace:
         """
         if self._tokenizer is None:
             self._tokenizer = False
-            _, folder = recorded_model(self.run_path, read_manifest(self.run_path).get("run_config"))
+            try:
+                _, folder = recorded_model(self.run_path, read_manifest(self.run_path).get("run_config"))
+            except ReplayError:   # a damaged carried model: no text, the ids are shown
+                folder = None
             if folder is not None and (folder / "tokenizer.json").is_file():
                 try:
                     from tokenizers import Tokenizer

@@ -92,7 +92,7 @@ def run(spec: RunSpec, progress: Callable[[int, int], None] | None = None) -> di
         rec.event("run_start", step=0, weight_version=0, engine=ename, config_id=cfg.id)
         sd = _state_dict(policy)
         engine.load_weights(0, sd)
-        rec.weights(version=0, step=0, state_dict=sd)
+        rec.model(spec.model_dir, version=0, step=0, state_dict=sd)   # a copy of the recording replays anywhere
 
         def generate(step: int, serving: int, update: WeightUpdate | None) -> list[dict]:
             problems, _ = schedule[step]

@@ -12,7 +12,9 @@ At a window of steps (DESIGN §8.4):
    (:func:`replay.diagnose.stats.floor_test`), which can fail. If the recorded config
    with every lacking fix still fails, the verdict is "not explained by the known
    fixes", with the residual and its worst tokens. Otherwise delta debugging finds a
-   1-minimal passing set.
+   1-minimal passing set. A lacking fix left out of it is either within the floor (it
+   alone moves no token beyond the numerics here) or covered (it changes the replay,
+   but the minimal set removes the same error), with any swap that also passes.
 3. **Ablation.** Each lacking fix alone, all but each, cumulative in the source's order,
    all, and the minimal set, each with its residual and whether the mismatch went down
    or up against the recorded config.
@@ -142,7 +144,7 @@ class BackendSearch:
     def verdict(self) -> dict:
         recorded_vs_ref, fidelity = self._run(())
         out: dict[str, Any] = {"steps": self.steps, "already_applied": self.applied, "lacking": self.lacking,
-                               "within_floor": [], "fidelity": _fidelity(fidelity), "fixes": [], "explained": False,
+                               "within_floor": [], "covered": [], "alternatives": [], "fidelity": _fidelity(fidelity), "fixes": [], "explained": False,
                                "residual": None, "ablation": [], "replays": 0, "worst": []}
         if not fidelity.at_floor:
             out["reason"] = ("the replay under the recorded config does not reproduce the recorded logprobs: "
@@ -168,11 +170,33 @@ class BackendSearch:
             out["fixes"] = [f for f in FIX_IDS if f in minimal]
             out["explained"] = True
             out["residual"] = _residual(self._run(out["fixes"])[0])
-            # lacking, yet not needed to reach the floor: their effect here is within the numerics
-            out["within_floor"] = [f for f in self.lacking if f not in out["fixes"]]
+            out.update(self.unneeded(out["fixes"]))
         out["ablation"] = self.ablation(out["fixes"] if out["explained"] else None)
         out["replays"] = self.replays
         return out
+
+    def unneeded(self, minimal: list[str]) -> dict:
+        """The lacking fixes outside ``minimal``, each said for what it is: ``within_floor``
+        when replaying with it alone moves no token beyond the floor (its effect, if any, is
+        not resolved on these steps), ``covered`` when it does change the replay but the
+        minimal set removes that too (an unpaused update's late step is also gone once async
+        scheduling is off). ``alternatives``: each covered fix that can stand in for one of
+        the minimal set, the swapped set still reaching the floor."""
+        base = self._run(())[0].diff
+        within, covered, alternatives = [], [], []
+        for f in (f for f in self.lacking if f not in minimal):
+            alone = self._run((f,))[0].diff
+            moved = [_sub(alone[k], base[k]) for k in alone if k in base]
+            effect = floor_test(np.concatenate(moved) if moved else np.zeros(0), self.floor)
+            if effect.at_floor is not False:
+                within.append(f)
+                continue
+            covered.append(f)
+            for g in minimal:
+                swapped = [x for x in minimal if x != g] + [f]
+                if self.passes(swapped):
+                    alternatives.append({"fix": f, "replaces": g, "fixes": [x for x in FIX_IDS if x in swapped]})
+        return {"within_floor": within, "covered": covered, "alternatives": alternatives}
 
     def ablation(self, minimal: list[str] | None) -> list[dict]:
         lack = self.lacking

@@ -21,7 +21,7 @@ FIX_WHAT = {
                           "from (temperature, top-k, top-p)",
     "v0_runtime_defaults": "prefix caching and async scheduling: stale KV of cached prefixes after an update, "
                            "a new version reaching in-flight requests a step late",
-    "paused_weight_update": "weights load while generation goes on",
+    "paused_weight_update": "an update loads while generation goes on: under async scheduling the step in flight computes with the old weights",
     "fp32_lm_head": "the final projection runs in bf16",
 }
 
@@ -103,10 +103,7 @@ def sections(res: dict) -> list[tuple[str, list[str | tuple[list[str], list[list
         for fix in back.get("fixes") or []:
             if LAYER_OF[fix] == "inference path":
                 inf.append(f"needed: {fix} — {FIX_WHAT[fix]}")
-        if back.get("within_floor"):
-            inf.append(f"also lacking, but their effect on these steps is within the floor of a "
-                       f"{res['floors']['backend']['dtype']} body (not resolved at this precision): "
-                       f"{', '.join(back['within_floor'])}")
+        inf += unneeded_lines(back, res["floors"]["backend"]["dtype"])
         if back.get("explained") is False or back.get("reason"):
             inf.append(f"NOT EXPLAINED: {back.get('reason')}")
             r = back.get("residual")
@@ -281,3 +278,19 @@ def write_report(res: dict, path: str | Path) -> list[Path]:
             parts.append(f'<p><img alt="{p.stem}" src="data:image/png;base64,{data}"></p>')
         path.write_text("\n".join(parts) + "\n")
     return [path, *pngs]
+
+
+def unneeded_lines(back: dict, dtype: str | None = None) -> list[str]:
+    """What the search says about the lacking fixes it did not name: within the floor,
+    covered by the named ones, or able to stand in for one of them."""
+    out = []
+    if back.get("within_floor"):
+        body = f"of a {dtype} body " if dtype else ""
+        out.append(f"also lacking, but their effect on these steps is within the floor {body}"
+                   f"(not resolved at this precision): {', '.join(back['within_floor'])}")
+    for fix in back.get("covered") or []:
+        out.append(f"also lacking, and it changes these steps, but the fixes named remove what it changes: {fix}")
+    for alt in back.get("alternatives") or []:
+        out.append(f"alternatively: {alt['fix']} in place of {alt['replaces']} also reaches the floor "
+                   f"({' + '.join(alt['fixes'])})")
+    return out

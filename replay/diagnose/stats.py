@@ -18,7 +18,7 @@ the floor's size, so by the triangle inequality:
   under the hypothesis (plus twice the floor's own rate of support flips: tokens that
   one dtype puts inside a truncated support and the other outside). Rejected when the
   count of such tokens is ``Z`` binomial standard deviations above that rate. A small
-  cause on few tokens (a torn update, stale KV after a boundary) fails this one.
+  cause on few tokens (the late step of an async update, stale KV after a boundary) fails this one.
 
 ``Z = 3.09`` is a one-sided test at 1e-3 for each; :data:`EPS` (2e-6, two float32
 steps of a logprob near 16) keeps logprobs stored as float32 from failing a floor of

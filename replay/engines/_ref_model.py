@@ -7,8 +7,8 @@ run matches transformers' logits to ~1e-5.
 
 Weights are kept per *unit* (embeddings, each transformer layer, final norm +
 lm_head) and per version, and a :class:`ServingView` says which version each unit
-serves now. A concurrent weight update moves the view unit by unit, which is how
-the engine shows a torn model.
+serves now. A weight update moves every unit at once, between two decode steps, as
+vLLM loads weights between engine steps.
 
 Exactness by construction (the replayer relies on it):
 
@@ -81,7 +81,7 @@ LAYER_KEYS = ("input_layernorm.weight", "post_attention_layernorm.weight",
 
 @dataclass
 class VersionWeights:
-    """One weight version, grouped by the units a concurrent update swaps one at a time."""
+    """One weight version, grouped by unit (embeddings, each layer, final norm + lm_head)."""
 
     embed: torch.Tensor                      # [vocab, hidden], model dtype
     layers: list[dict[str, torch.Tensor]]    # per layer, LAYER_KEYS without the prefix
@@ -134,7 +134,7 @@ def split_state_dict(sd: dict, arch: ArchConfig, dtype: torch.dtype, head_dtype:
 
 @dataclass
 class ServingView:
-    """Which version serves each unit now (a torn model has several versions at once)."""
+    """Which version serves each unit now (every unit the same version: updates move them together)."""
 
     embed: int
     layers: list[int]

@@ -32,26 +32,36 @@ the blocks it computes, as vLLM does.
 
 **Weight updates inside generate()** (``WeightUpdate(version, after_step)``): decode
 step ``k`` produces generated token ``k`` of every running request (step 0 is the
-prefill). An update with ``after_step=s`` takes effect between steps ``s-1`` and ``s``:
+prefill). An update with ``after_step=s`` takes effect between steps ``s-1`` and ``s``.
+vLLM loads weights between two engine steps, all at once: the engine core handles a
+``collective_rpc`` utility call in its busy loop between ``step()`` calls
+(``vllm/v1/engine/core.py``, ``EngineCoreProc.run_busy_loop``: ``_process_input_queue``
+then ``_process_engine_step``), and the workers run it in order after the model
+execution before it. So no step ever runs a model with some layers new and some old:
 
 * the reported version (``GenResult.token_versions``) becomes the new one for tokens
   ``k >= s``, in both modes: an RL framework bumps its version counter when it starts
   the update and stamps each token it receives with the counter;
-* ``weight_update="paused"``: generation pauses, every weight loads at once, generation
-  resumes (``pause_generation(mode="keep")`` → ``load_weights`` → ``resume_generation()``;
-  V0's blocking update has the same semantics). In-flight requests keep their KV, so
-  positions before ``s`` keep the KV of the old weights; every step from ``s`` on runs
-  the new weights: a clean version boundary;
-* ``weight_update="concurrent"``: the weights stream in while decoding goes on.
-  ``load_weights`` walks the checkpoint in name order, so the swap goes embeddings with
-  layer 0 at step ``s``, layer ``j`` at step ``s+j``, then final norm + lm_head at step
-  ``s+L`` (``L`` layers). Steps ``s .. s+L-1`` run a torn model (some layers new, some
-  old) while reporting the new version;
-* ``async_scheduling=True``: vLLM V1 schedules step ``t+1`` while step ``t`` runs, so
-  the step right after the update was already in flight with the old weights. For an
-  update with ``s > 0`` every weight action above moves one step later, while the
-  reported version still switches at ``s``: token ``s`` is reported as the new version
-  but computed with the old weights. (At ``s == 0`` nothing is in flight yet, no lag.)
+* from the step the new weights reach on, every step runs them, over the KV that
+  in-flight requests computed with the old weights (kept in both modes: neither a
+  concurrent load nor ``pause_generation(mode="keep")`` touches running requests' KV);
+* ``weight_update="paused"``: generation pauses, every weight loads, generation resumes
+  (``pause_generation(mode="keep")`` → ``load_weights`` → ``resume_generation()``;
+  V0's blocking update has the same semantics). The pause completes only once no batch
+  is in flight (``EngineCoreProc.pause_scheduler``: ``PAUSED_ALL`` stops scheduling, and
+  its future completes once ``has_work()`` is false, the batch queue empty), so step
+  ``s`` runs the new weights: a clean version boundary, with or without async
+  scheduling;
+* ``weight_update="concurrent"``: the load runs with the scheduler going. Without async
+  scheduling it still lands between two steps, so it is the paused update's boundary
+  exactly (tested against vLLM's CPU build, where both give the same bits);
+* ``async_scheduling=True`` with a concurrent update: vLLM V1 schedules and launches
+  step ``t+1`` before it returns step ``t`` (``EngineCore.step_with_batch_queue``), so
+  the batch in flight when the load is handled computes with the old weights, and its
+  tokens reach the framework after it bumped its counter. For ``s > 0`` the weights
+  reach step ``s+1``: token ``s`` is reported as the new version but computed with the
+  old weights. (At ``s == 0`` nothing is in flight yet, no lag.) vLLM's CPU build
+  forces async scheduling off, so this one is grounded in the source only.
 
 An update not finished when the call ends is completed before ``generate()`` returns.
 
@@ -101,7 +111,7 @@ class _Group:
 
     view: Any                                # ServingView
     version: int | None                      # the version reported for the tokens it emits now
-    actions: list[tuple[int, str, int, int]]
+    actions: list[tuple[int, str, int]]
     runs: list[_Running]
 
 
@@ -180,11 +190,10 @@ class ReferenceEngine:
 
     # ---------------------------------------------------------------- schedule
 
-    def _schedule(self, updates: Sequence[WeightUpdate]) -> list[tuple[int, str, int, int]]:
-        """Actions ``(step, what, version, unit)`` in application order; ``what`` is "label",
-        "all", "embed+layer" (unit = layer 0), "layer" (unit = layer index) or "head"."""
+    def _schedule(self, updates: Sequence[WeightUpdate]) -> list[tuple[int, str, int]]:
+        """Actions ``(step, what, version)`` in application order; ``what`` is "label" (the
+        reported version changes) or "weights" (every unit serves the new version)."""
         actions = []
-        L = self.arch.num_layers
         for order, u in enumerate(sorted(updates, key=lambda u: u.after_step)):
             if u.version not in self._weights:
                 raise BadInput(f"weight update to version {u.version} at step {u.after_step}, but that "
@@ -192,30 +201,18 @@ class ReferenceEngine:
             if u.after_step < 0:
                 raise BadInput(f"after_step must be >= 0, not {u.after_step}", field="updates")
             s = u.after_step
-            eff = s + (1 if self.config.async_scheduling and s > 0 else 0)
-            actions.append((s, order, 0, "label", u.version, -1))
-            if self.config.weight_update == "paused":
-                actions.append((eff, order, 1, "all", u.version, -1))
-            else:
-                actions.append((eff, order, 1, "embed+layer", u.version, 0))
-                actions += [(eff + j, order, 1, "layer", u.version, j) for j in range(1, L)]
-                actions.append((eff + L, order, 1, "head", u.version, -1))
+            lag = self.config.async_scheduling and self.config.weight_update == "concurrent" and s > 0
+            actions.append((s, order, 0, "label", u.version))
+            actions.append((s + int(lag), order, 1, "weights", u.version))
         actions.sort(key=lambda a: (a[0], a[1], a[2]))
-        return [(a[0], a[3], a[4], a[5]) for a in actions]
+        return [(a[0], a[3], a[4]) for a in actions]
 
-    def _apply(self, action: tuple[int, str, int, int], state: "_Group") -> None:
-        _, what, version, unit = action
+    def _apply(self, action: tuple[int, str, int], state: "_Group") -> None:
+        _, what, version = action
         if what == "label":
             state.version = version
-        elif what == "all":
+        else:
             state.view = self._uniform(version)
-        elif what == "embed+layer":
-            state.view.embed = version
-            state.view.layers[0] = version
-        elif what == "layer":
-            state.view.layers[unit] = version
-        elif what == "head":
-            state.view.head = version
 
     def _uniform(self, version: int) -> Any:
         from ._ref_model import ServingView

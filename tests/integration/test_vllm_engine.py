@@ -345,6 +345,55 @@ def test_vllm_and_the_reference_engine_agree_where_both_are_exact(engines, tiny_
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
 
 
+def test_the_reference_engine_does_what_vllm_does_on_an_unpaused_update(engines, tiny_model, weights1):
+    """The behaviours the reference engine emulates for V1's defaults, against vLLM itself (float32,
+    so the two agree to 1e-4 where they compute the same thing; every effect below is > 0.01):
+
+    * raw logprobs (``log_softmax`` of the raw logits, V1's default);
+    * an unpaused (concurrent) update mid-generation lands between two engine steps, whole: from
+      the update on, new weights over the KV the old weights wrote, no step runs a mixed model;
+    * prefix caching keeps blocks the old weights computed and serves them, stale, after the
+      update, to a later request sharing the prefix (the same number of cached tokens).
+
+    Async scheduling, the one V1 default the CPU build cannot run (it forces it off), is
+    grounded in the source: see :mod:`replay.engines.reference`."""
+    from replay.engines.reference import ReferenceEngine
+
+    cfg = EngineConfig(dtype="float32", lm_head_dtype="float32", async_scheduling=False, weight_update="concurrent")
+    assert cfg.logprobs_mode == "raw_logprobs" and cfg.enable_prefix_caching
+    eng = engines(cfg)
+    assert eng.effective["enable_prefix_caching"] is True and eng.effective["async_scheduling"] is False
+    prompts = _prompts(4, 67)
+    outputs = [r.output_ids for r in _gen(eng, prompts, max_tokens=8)]
+    prefix = [1] + [4 + (i * 11) % 60 for i in range(69)]   # two full 32-token blocks
+    ref = ReferenceEngine(tiny_model, cfg, seed=0, ignore_eos=True, block_size=32)
+    try:
+        got = {}
+        for name, e in (("vllm", eng), ("reference", ref)):
+            e.reset_prefix_cache()
+            e.load_weights(1, weights1, activate=False)
+            forced = e.generate([GenRequest(f"f{i}", p, temperature=T, forced_output_ids=o)
+                                 for i, (p, o) in enumerate(zip(prompts, outputs))], [WeightUpdate(1, 3)])
+            e.activate(0)
+            e.reset_prefix_cache()
+            e.generate([GenRequest("warm", prefix, max_tokens=1, seed=0)])        # blocks computed by v0
+            e.activate(1)
+            stale = e.generate([GenRequest("b", prefix + [10, 11], forced_output_ids=[12, 13, 14, 15])])[0]
+            e.reset_prefix_cache()
+            fresh = e.generate([GenRequest("c", prefix + [10, 11], forced_output_ids=[12, 13, 14, 15])])[0]
+            got[name] = forced, stale, fresh
+    finally:
+        ref.close()
+    (vf, vs, vfr), (rf, rs, rfr) = got["vllm"], got["reference"]
+    for a, b in zip(vf, rf):
+        assert a.output_ids == b.output_ids and a.token_versions == b.token_versions == [0] * 3 + [1] * 5
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+    assert vs.num_cached_tokens == rs.num_cached_tokens == 64 and vfr.num_cached_tokens == rfr.num_cached_tokens == 0
+    np.testing.assert_allclose(vs.logprobs, rs.logprobs, atol=1e-4)
+    np.testing.assert_allclose(vfr.logprobs, rfr.logprobs, atol=1e-4)
+    assert np.abs(np.array(vs.logprobs) - np.array(vfr.logprobs)).max() > 0.01   # the stale KV shows
+
+
 # ------------------------------------------------------------------------ protocol details
 
 

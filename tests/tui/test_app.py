@@ -406,4 +406,7 @@ async def test_real_replay_from_the_panel_lands_beside_the_recorded_values(demo_
         assert labels[1] == "only proc" and labels[-2] == "cum to paused" and labels[-1] == "all lacking"
         assert [str(c.label) for c in ablation.ordered_columns][:3] == ["label", "at_floor", "mean_abs_residual"]
         status = str(panel.query_one("#replay-status", Static).render())
-        assert "needs processed_logprobs, v0_runtime_defaults, paused_weight_update, fp32_lm_head" in status
+        # step 1's update lands after every prefill: its one inference-path error is the late step
+        # of an async update, which either the paused update or async scheduling off removes
+        assert "needs processed_logprobs, paused_weight_update, fp32_lm_head" in status
+        assert "alternatively: v0_runtime_defaults in place of paused_weight_update" in status

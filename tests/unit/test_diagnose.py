@@ -28,7 +28,7 @@ def test_floor_test_rejects_a_small_shift_on_every_token():
 
 
 def test_floor_test_rejects_a_large_error_on_few_tokens():
-    """A torn update or stale KV touches a few tokens hard: the mean barely moves, the tail test fires."""
+    """The late step of an async update or stale KV touches a few tokens hard: the mean barely moves, the tail test fires."""
     rng = np.random.default_rng(2)
     c, f = _h0(rng, 1000)
     c[:40] += 1e-3                          # 4% of the tokens, far above the floor

@@ -124,6 +124,100 @@ def test_slime_train_dump_alone_gives_rollouts_and_trainer_rows(slime_dumps, tmp
         np.testing.assert_allclose(lps, np.float32(s["rollout_log_probs"]))
 
 
+def _multi_turn(index: int = 0) -> tuple[dict, dict]:
+    """A two-turn sample: the model writes 3 tokens, a tool appends 2 (loss mask 0, logprob 0.0
+    as slime's multi-turn examples fill them), the model writes 2 more under a newer version."""
+    prompt, response = [5, 6, 7, 8], [20, 21, 22, 40, 41, 23, 24]
+    s = _sample_dict(index, 0, prompt, response)
+    s["loss_mask"] = [1, 1, 1, 0, 0, 1, 1]
+    s["rollout_log_probs"] = [-0.5, -0.25, -1.0, 0.0, 0.0, -0.75, -0.125]
+    s["weight_versions"] = ["3", "4"]
+    s["reward"] = 1.0
+    t = _train_dump({"rollout_id": 2, "samples": [s]})
+    t["samples"][0]["loss_masks"] = torch.tensor(s["loss_mask"], dtype=torch.int)
+    return {"rollout_id": 2, "samples": [s]}, t
+
+
+def test_a_multi_turn_sample_becomes_one_row_per_turn(tmp_path):
+    """Tokens a tool appended were never sampled: they are the next turn's prompt, not output, so
+    no metric counts their logprob 0.0; each turn has its own weight version, and the reward is
+    the last turn's."""
+    r, t = _multi_turn()
+    (tmp_path / "src").mkdir()
+    torch.save(r, tmp_path / "src" / "rollout_2.pt")
+    torch.save(t, tmp_path / "src" / "train_2.pt")
+    stats = import_slime(tmp_path / "src", tmp_path / "rec")
+    assert (stats.rollouts, stats.trainer, stats.warnings) == (2, 2, [])
+    rec = open_recording(tmp_path / "rec")
+    rows = rec.sql("SELECT request_id, prompt_ids, output_ids, logprobs, token_versions, reward, finish_reason "
+                   "FROM rollouts ORDER BY request_id").fetchall()
+    assert [x[0] for x in rows] == ["0/turn0", "0/turn1"]
+    assert rows[0][1:3] == ([5, 6, 7, 8], [20, 21, 22]) and rows[1][1:3] == ([5, 6, 7, 8, 20, 21, 22, 40, 41], [23, 24])
+    assert rows[0][3] == [-0.5, -0.25, -1.0] and rows[1][3] == [-0.75, -0.125]
+    assert rows[0][4] == [3, 3, 3] and rows[1][4] == [4, 4]
+    assert (rows[0][5], rows[1][5]) == (None, 1.0) and (rows[0][6], rows[1][6]) == (None, "stop")
+    tok = rec.sql("SELECT count(*), count(lp_trainer), max(lp_rollout) FROM tokens").fetchall()[0]
+    assert tok == (5, 5, pytest.approx(-0.125))   # the tool's 0.0 logprobs are nowhere
+    sm = rec.sql("SELECT reward FROM step_metrics").fetchall()
+    assert sm == [(1.0,)]
+
+
+def test_a_train_dump_that_splits_turns_otherwise_is_refused(tmp_path):
+    r, t = _multi_turn()
+    t["samples"][0]["loss_masks"] = torch.tensor([1, 1, 0, 0, 1, 1, 1], dtype=torch.int)
+    (tmp_path / "src").mkdir()
+    torch.save(r, tmp_path / "src" / "rollout_2.pt")
+    torch.save(t, tmp_path / "src" / "train_2.pt")
+    with pytest.raises(BadInput, match="loss mask") as err:
+        import_slime(tmp_path / "src", tmp_path / "rec")
+    assert err.value.field == "loss_masks" and not (tmp_path / "rec").exists()
+
+
+def test_weight_versions_that_fit_no_turn_count_are_unknown_and_said(tmp_path):
+    r, _ = _multi_turn()
+    r["samples"][0]["weight_versions"] = ["3", "4", "5"]
+    torch.save(r, tmp_path / "2.pt")
+    stats = import_slime(tmp_path / "2.pt", tmp_path / "rec")
+    assert any("3 weight versions for 2 turns" in w for w in stats.warnings)
+    assert open_recording(tmp_path / "rec").sql("SELECT count(token_versions) FROM rollouts").fetchall() == [(0,)]
+
+
+def test_a_dict_reward_needs_its_key(tmp_path):
+    dump = _rollout_dump(0, 2)
+    for s in dump["samples"]:
+        s["reward"] = {"acc": 1.0, "format": 0.5}
+    torch.save(dump, tmp_path / "0.pt")
+    stats = import_slime(tmp_path / "0.pt", tmp_path / "a")
+    assert stats.warnings == ["rewards are dicts (keys: acc, format); recorded as NULL: pass --reward-key KEY "
+                              "to record one of them"]
+    assert open_recording(tmp_path / "a").sql("SELECT count(reward) FROM rollouts").fetchall() == [(0,)]
+    import_slime(tmp_path / "0.pt", tmp_path / "b", reward_key="format")
+    assert open_recording(tmp_path / "b").sql("SELECT DISTINCT reward FROM rollouts").fetchall() == [(0.5,)]
+    with pytest.raises(BadInput, match="no key 'score'.*acc, format"):
+        import_slime(tmp_path / "0.pt", tmp_path / "c", reward_key="score")
+    proc = subprocess.run([sys.executable, "-m", "replay", "import", "slime", str(tmp_path / "0.pt"),
+                           str(tmp_path / "d")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "warning: rewards are dicts" in proc.stderr
+
+
+def test_evaluation_dumps_are_told_by_their_own_rollout_id(tmp_path):
+    """slime writes an evaluation dump through the training template with ``eval_`` before the id
+    (``rollout_{rollout_id}.pt`` -> ``rollout_eval_3.pt``), holding the same rollout id: skipped.
+    A name that merely contains ``eval`` is training data; two training dumps of one id are refused."""
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save(_rollout_dump(3), src / "rollout_3.pt")
+    torch.save(_rollout_dump(3), src / "rollout_eval_3.pt")
+    torch.save(_rollout_dump(4), src / "medieval_4.pt")
+    stats = import_slime(src, tmp_path / "rec")
+    assert sorted(stats.steps) == [3, 4] and stats.files == 2
+    assert len(stats.skipped) == 1 and "rollout_eval_3.pt" in stats.skipped[0]
+    torch.save(_rollout_dump(3), src / "copy_of_3.pt")
+    with pytest.raises(BadInput, match="both rollout dumps of rollout 3") as err:
+        import_slime(src, tmp_path / "rec2")
+    assert "copy_of_3.pt" in str(err.value) and "rollout_3.pt" in str(err.value)
+
+
 class Opaque:
     """A class torch's weights-only loader does not allow."""
 

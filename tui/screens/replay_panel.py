@@ -15,6 +15,7 @@ from textual.widgets import (Button, Checkbox, DataTable, Footer, Header, Label,
                              RadioButton, RadioSet, Static)
 from textual.worker import Worker, WorkerState, get_current_worker
 
+from replay.diagnose.report import unneeded_lines
 from replay.fixes import FIX_DOC, FIX_IDS
 
 from .. import data, engine_adapter
@@ -246,6 +247,9 @@ class ReplayScreen(BaseScreen):
             found = "no answer"
         else:
             found = f"needs {', '.join(res.minimal) or 'nothing: at the floor'}"
+            notes = unneeded_lines(res.raw)
+            if notes:
+                found += " (" + "; ".join(notes) + ")"
         self._status(f"fix bisection at step {self.step}: the recording {had}{found} "
                      f"(ablation below, residual against the exact reference: proc, v0rt, paused, fp32 "
                      f"are the four fixes)")
