@@ -31,6 +31,7 @@ class RecordedRequest:
     seed: int | None
     num_cached_tokens: int | None
     trainer_logprobs: np.ndarray | None   # the trainer's logprobs of the same tokens, if recorded
+    arrival_step: int = 0                 # engine step at which it joined the step's batch (see arrivals)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class StepPlan:
     versions: list[int]                   # every version the step used
     complete: bool                        # the step ended in the recording (step_end seen)
     missing: list[str] = field(default_factory=list)  # submitted but never recorded
+    notes: list[str] = field(default_factory=list)    # what the plan inferred, for the replay's warnings
 
 
 def _steps_with_rollouts(rec) -> list[int]:
@@ -101,8 +103,60 @@ def plan_step(rec, step: int) -> StepPlan:
         vs = [v for r in requests for v in r.token_versions[:1]]
         serving = min(vs) if vs else 0
     versions = sorted({serving, *(u.version for u in updates), *(v for r in requests for v in r.token_versions)})
+    updates, notes = arrivals(step, requests, updates)
     return StepPlan(step=step, serving=int(serving), requests=requests, updates=updates, modes=modes,
-                    versions=versions, complete=complete and not missing, missing=missing)
+                    versions=versions, complete=complete and not missing, missing=missing, notes=notes)
+
+
+def arrivals(step: int, requests: list[RecordedRequest], updates: list) -> tuple[list, list[str]]:
+    """When each request joined the step's batch, from where its tokens change version.
+
+    In a batch that starts together, every request still running when an update lands
+    changes version at the same token, the update's ``after_step``. Under continuous
+    batching requests join at different engine steps, so the update reaches each at its own
+    token: request ``r`` whose first token of the new version is ``p_r`` joined at
+    ``a_r = U - p_r``, ``U`` being the update's engine step counted from the first request's
+    start. ``U`` is the recorded ``after_step``, or the largest ``p_r`` when a request
+    changes version later than that (the recorded position then counted from another
+    origin, and every update of the step moves by the same amount). A request that never
+    reaches the new version is taken to have joined at 0; one whose every token has the
+    new version joined when the update landed. Sets ``arrival_step`` on each request and
+    returns the updates at their engine steps, with a note of what was inferred."""
+    from .engines.base import WeightUpdate
+
+    if not updates:
+        return updates, []
+    first = updates[0]
+    pos = {r.request_id: next((j for j, v in enumerate(r.token_versions) if v == first.version), None)
+           for r in requests}
+    crossing = [p for p in pos.values() if p]
+    if not crossing or all(p == first.after_step for p in crossing):
+        if first.after_step > 0:   # a request that only ever saw the new version joined at the update
+            for r in requests:
+                if pos[r.request_id] == 0:
+                    r.arrival_step = first.after_step
+        return updates, []
+    top = max(first.after_step, *crossing)
+    shift = top - first.after_step
+    for r in requests:
+        p = pos[r.request_id]
+        r.arrival_step = 0 if p is None else top - p
+    moved = [WeightUpdate(version=u.version, after_step=u.after_step + shift) for u in updates]
+    joined = sorted({r.arrival_step for r in requests})
+    notes = [f"step {step}: requests joined the running batch at engine steps {', '.join(map(str, joined))} "
+             f"(from where their tokens reach version {first.version}); replayed so"]
+    if shift:
+        notes.append(f"step {step}: the update to version {first.version} is recorded at decode step "
+                     f"{first.after_step}, but a request reaches it at its token {top}: replayed at engine "
+                     f"step {top}, every update of the step moved by {shift}")
+    for u in moved[1:]:
+        off = [r.request_id for r in requests
+               if (q := next((j for j, v in enumerate(r.token_versions) if v == u.version), None))
+               and q != u.after_step - r.arrival_step]
+        if off:
+            notes.append(f"step {step}: the update to version {u.version} reaches {len(off)} request(s) "
+                         f"(e.g. {off[0]}) at another token than their arrival implies; the replay will differ there")
+    return moved, notes
 
 
 def _ranges(steps: Sequence[int]) -> str:

@@ -211,7 +211,7 @@ class Replayer:
 
         return [GenRequest(request_id=r.request_id, prompt_ids=r.prompt_ids,
                            max_tokens=max(1, len(r.output_ids)), temperature=r.temperature, top_p=r.top_p,
-                           top_k=r.top_k, seed=r.seed, num_topk=num_topk,
+                           top_k=r.top_k, seed=r.seed, num_topk=num_topk, arrival_step=r.arrival_step,
                            forced_output_ids=r.output_ids if forced else None) for r in plan.requests]
 
     def _catch_up(self, eng, config: EngineConfig, step: int, progress: Callable | None) -> None:
@@ -263,6 +263,7 @@ class Replayer:
 
     def _plan(self, step: int, allow_incomplete: bool) -> StepPlan:
         plan = plan_step(self.rec, step)
+        self.warnings += [n for n in plan.notes if n not in self.warnings]
         if not plan.complete and not allow_incomplete:
             complete = self.complete_steps()
             if not plan.missing and not complete:   # no step boundaries at all: not a crash

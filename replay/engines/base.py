@@ -28,6 +28,10 @@ class GenRequest:
     # (logprobs, versions, updates, prefix cache all as in generation). Engines that can
     # do it say so with ``supports_forced_output = True``; the replayer relies on it.
     forced_output_ids: list[int] | None = None
+    # Continuous batching: the engine step of the call at which the request is submitted (0:
+    # with the call). It is prefilled at that step and emits its token k at step
+    # ``arrival_step + k``, so an update at engine step s reaches it at its token s - arrival.
+    arrival_step: int = 0
 
 
 @dataclass
@@ -70,7 +74,7 @@ class WeightUpdate:
     """A weight update scheduled inside a generate() call."""
 
     version: int                 # the version to switch to (must have been loaded with load_weights)
-    after_step: int              # applied after this many decode steps of the call (0 = before the first)
+    after_step: int              # applied after this many engine steps of the call (0 = before the first)
 
 
 @dataclass

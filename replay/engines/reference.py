@@ -63,6 +63,13 @@ execution before it. So no step ever runs a model with some layers new and some 
   old weights. (At ``s == 0`` nothing is in flight yet, no lag.) vLLM's CPU build
   forces async scheduling off, so this one is grounded in the source only.
 
+**Continuous batching** (``GenRequest.arrival_step``): a request submitted at engine step
+``a`` of the call is prefilled at step ``a`` (hitting the blocks that requests prefilled
+before it stored, as vLLM's scheduler admits a new request into the running batch) and
+emits its token ``k`` at step ``a + k``; an update at step ``s`` reaches it at its token
+``s - a``. Tested against vLLM's CPU build, requests added to the running engine between
+steps.
+
 An update not finished when the call ends is completed before ``generate()`` returns.
 
 **Stops**: a request ends after a token in ``stop_token_ids`` or, unless the engine
@@ -248,6 +255,9 @@ class ReferenceEngine:
                 if not r.forced_output_ids or bad:
                     raise BadInput("forced_output_ids must be non-empty token ids inside the vocabulary",
                                    field="forced_output_ids", request_id=r.request_id)
+            if kind == "generate" and r.arrival_step < 0:
+                raise BadInput(f"arrival_step must be >= 0, not {r.arrival_step}", field="arrival_step",
+                               request_id=r.request_id)
             if kind == "generate" and r.max_tokens < 1:
                 raise BadInput(f"max_tokens must be >= 1, not {r.max_tokens}", field="max_tokens",
                                request_id=r.request_id)
@@ -290,15 +300,16 @@ class ReferenceEngine:
                     while st.actions and st.actions[0][0] <= step:
                         self._apply(st.actions.pop(0), st)
                     for run in st.runs:
-                        if run.finish is None:
-                            batches.setdefault(st.view.key(), []).append((run, st))
-                for active in batches.values():
+                        if run.finish is None and run.req.arrival_step <= step:
+                            kind = "decode" if run.out else "prefill"   # a request prefills when it arrives
+                            batches.setdefault((kind, st.view.key()), []).append((run, st))
+                for (kind, _), active in batches.items():
                     view = active[0][1].view
-                    if step == 0 and not self.config.enable_prefix_caching:  # every prefill in one forward
+                    if kind == "prefill" and not self.config.enable_prefix_caching:  # one forward
                         chunks = [Chunk(list(run.req.prompt_ids), 0, run.kv, [len(run.req.prompt_ids) - 1])
                                   for run, _ in active]
                         h = forward(chunks, self._weights, view, self.arch, self._dtype, self.device)
-                    elif step == 0:  # prefills in waves: a request waits for an earlier one it could hit
+                    elif kind == "prefill":  # in waves: a request waits for an earlier one it could hit
                         h = self._cached_prefills([run for run, _ in active], view)
                     else:
                         chunks = [Chunk([run.out[-1]], run.kv.length, run.kv, [0]) for run, _ in active]

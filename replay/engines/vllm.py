@@ -212,10 +212,18 @@ class VLLMEngine:
         tag = f"g{next(self._ids)}-"
         state = {r.request_id: vl.GenState(r) for r in requests}
         params = [self._gen_params(tag, r) for r in requests]  # validates all before queueing any
+        for r in requests:
+            if r.arrival_step < 0:
+                raise BadInput(f"arrival_step must be >= 0, not {r.arrival_step}", field="arrival_step",
+                               request_id=r.request_id)
+        arrivals = sorted((r.arrival_step, i) for i, r in enumerate(requests))
         try:
-            for r, p in zip(requests, params):
-                self._add(tag, r.request_id, list(r.prompt_ids), p)
-            self._run(engine, tag, state, pending)
+            def admit(step: int) -> None:   # requests join the running engine between two steps
+                while arrivals and arrivals[0][0] <= step:
+                    i = arrivals.pop(0)[1]
+                    self._add(tag, requests[i].request_id, list(requests[i].prompt_ids), params[i])
+
+            self._run(engine, tag, state, pending, admit, lambda: bool(arrivals))
             if self.config.logprobs_mode == "processed_logprobs":
                 for r in requests:
                     if r.forced_output_ids is not None:
@@ -246,14 +254,21 @@ class VLLMEngine:
             params["extra_args"] = {fz.FORCED_KEY: [int(t) for t in forced], fz.ID_KEY: tag + r.request_id}
         return params
 
-    def _run(self, engine: Any, tag: str, state: dict[str, "vl.GenState"], pending: list[WeightUpdate]) -> None:
-        """Step until every request of the call is done, applying ``pending`` updates."""
+    def _run(self, engine: Any, tag: str, state: dict[str, "vl.GenState"], pending: list[WeightUpdate],
+             admit: Any = None, waiting: Any = None) -> None:
+        """Step until every request of the call is done, applying ``pending`` updates before
+        their step and submitting each request at its ``arrival_step`` (``admit(step)``;
+        ``waiting()``: requests still to come)."""
         lagged = self.effective["async_scheduling"]
         launched: list[int | None] = []
         step = 0
-        while engine.has_unfinished_requests():
+        if admit is not None:
+            admit(0)
+        while engine.has_unfinished_requests() or (waiting is not None and waiting()):
             while pending and pending[0].after_step <= step:
                 self._activate(pending.pop(0).version, after_step=step)
+            if admit is not None:
+                admit(step)
             launched.append(self.version)
             outs = engine.step()
             step += 1

@@ -56,7 +56,7 @@ SCHEMAS: dict[type, pa.Schema] = {
     GenRequest: pa.schema([("request_id", pa.string()), ("prompt_ids", _ints), ("max_tokens", pa.int64()),
                            ("temperature", pa.float64()), ("top_p", pa.float64()), ("top_k", pa.int64()),
                            ("seed", pa.int64()), ("num_topk", pa.int64()), ("stop_token_ids", _ints),
-                           ("forced_output_ids", _ints)]),
+                           ("forced_output_ids", _ints), ("arrival_step", pa.int64())]),
     GenResult: pa.schema([("request_id", pa.string()), ("output_ids", _ints), ("logprobs", _floats),
                           ("token_versions", _ints), ("finish_reason", pa.string()),
                           ("num_cached_tokens", pa.int64()), ("topk_ids", pa.list_(_ints)),

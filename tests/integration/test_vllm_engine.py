@@ -345,6 +345,23 @@ def test_vllm_and_the_reference_engine_agree_where_both_are_exact(engines, tiny_
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
 
 
+def _on_both(eng, tiny_model, cfg, weights1, run):
+    """``run(engine)`` on vLLM and on a reference engine of the same config (32-token blocks),
+    each with an empty prefix cache and version 1 loaded beside version 0."""
+    from replay.engines.reference import ReferenceEngine
+
+    ref = ReferenceEngine(tiny_model, cfg, seed=0, ignore_eos=True, block_size=32)
+    try:
+        got = {}
+        for name, e in (("vllm", eng), ("reference", ref)):
+            e.reset_prefix_cache()
+            e.load_weights(1, weights1, activate=False)
+            got[name] = run(e)
+    finally:
+        ref.close()
+    return got
+
+
 def test_the_reference_engine_does_what_vllm_does_on_an_unpaused_update(engines, tiny_model, weights1):
     """The behaviours the reference engine emulates for V1's defaults, against vLLM itself (float32,
     so the two agree to 1e-4 where they compute the same thing; every effect below is > 0.01):
@@ -357,7 +374,6 @@ def test_the_reference_engine_does_what_vllm_does_on_an_unpaused_update(engines,
 
     Async scheduling, the one V1 default the CPU build cannot run (it forces it off), is
     grounded in the source: see :mod:`replay.engines.reference`."""
-    from replay.engines.reference import ReferenceEngine
 
     cfg = EngineConfig(dtype="float32", lm_head_dtype="float32", async_scheduling=False, weight_update="concurrent")
     assert cfg.logprobs_mode == "raw_logprobs" and cfg.enable_prefix_caching
@@ -366,24 +382,20 @@ def test_the_reference_engine_does_what_vllm_does_on_an_unpaused_update(engines,
     prompts = _prompts(4, 67)
     outputs = [r.output_ids for r in _gen(eng, prompts, max_tokens=8)]
     prefix = [1] + [4 + (i * 11) % 60 for i in range(69)]   # two full 32-token blocks
-    ref = ReferenceEngine(tiny_model, cfg, seed=0, ignore_eos=True, block_size=32)
-    try:
-        got = {}
-        for name, e in (("vllm", eng), ("reference", ref)):
-            e.reset_prefix_cache()
-            e.load_weights(1, weights1, activate=False)
-            forced = e.generate([GenRequest(f"f{i}", p, temperature=T, forced_output_ids=o)
-                                 for i, (p, o) in enumerate(zip(prompts, outputs))], [WeightUpdate(1, 3)])
-            e.activate(0)
-            e.reset_prefix_cache()
-            e.generate([GenRequest("warm", prefix, max_tokens=1, seed=0)])        # blocks computed by v0
-            e.activate(1)
-            stale = e.generate([GenRequest("b", prefix + [10, 11], forced_output_ids=[12, 13, 14, 15])])[0]
-            e.reset_prefix_cache()
-            fresh = e.generate([GenRequest("c", prefix + [10, 11], forced_output_ids=[12, 13, 14, 15])])[0]
-            got[name] = forced, stale, fresh
-    finally:
-        ref.close()
+
+    def run(e):
+        forced = e.generate([GenRequest(f"f{i}", p, temperature=T, forced_output_ids=o)
+                             for i, (p, o) in enumerate(zip(prompts, outputs))], [WeightUpdate(1, 3)])
+        e.activate(0)
+        e.reset_prefix_cache()
+        e.generate([GenRequest("warm", prefix, max_tokens=1, seed=0)])        # blocks computed by v0
+        e.activate(1)
+        stale = e.generate([GenRequest("b", prefix + [10, 11], forced_output_ids=[12, 13, 14, 15])])[0]
+        e.reset_prefix_cache()
+        fresh = e.generate([GenRequest("c", prefix + [10, 11], forced_output_ids=[12, 13, 14, 15])])[0]
+        return forced, stale, fresh
+
+    got = _on_both(eng, tiny_model, cfg, weights1, run)
     (vf, vs, vfr), (rf, rs, rfr) = got["vllm"], got["reference"]
     for a, b in zip(vf, rf):
         assert a.output_ids == b.output_ids and a.token_versions == b.token_versions == [0] * 3 + [1] * 5
@@ -392,6 +404,35 @@ def test_the_reference_engine_does_what_vllm_does_on_an_unpaused_update(engines,
     np.testing.assert_allclose(vs.logprobs, rs.logprobs, atol=1e-4)
     np.testing.assert_allclose(vfr.logprobs, rfr.logprobs, atol=1e-4)
     assert np.abs(np.array(vs.logprobs) - np.array(vfr.logprobs)).max() > 0.01   # the stale KV shows
+
+
+def test_requests_joining_the_running_batch_as_in_vllm(engines, tiny_model, weights1):
+    """Continuous batching against vLLM itself (float32, prefix caching on, 32-token blocks): four
+    requests sharing a 40-token prefix join the running engine at steps 0, 0, 2 and 5 while an
+    unpaused update lands before step 3. Per request the version changes at its own token (3, 3,
+    1, never), the ones that join later hit the shared block the first prefill stored (the one
+    joining after the update: stale), and the reference engine gives vLLM's logprobs to 1e-4."""
+    import dataclasses as dc
+
+
+    cfg = EngineConfig(dtype="float32", lm_head_dtype="float32", async_scheduling=False, weight_update="concurrent")
+    eng = engines(cfg)
+    prefix = [1] + [4 + (i * 13) % 60 for i in range(39)]
+    prompts = [prefix + [5 + i, 6 + i] for i in range(4)]
+    outputs = [r.output_ids for r in _gen(eng, prompts, max_tokens=8)]
+    arrival = [0, 0, 2, 5]
+    reqs = [GenRequest(f"j{i}", p, temperature=T, forced_output_ids=o, arrival_step=a)
+            for i, (p, o, a) in enumerate(zip(prompts, outputs, arrival))]
+    got = _on_both(eng, tiny_model, cfg, weights1, lambda e: e.generate(reqs, [WeightUpdate(1, 3)]))
+    want = [[0] * 3 + [1] * 5, [0] * 3 + [1] * 5, [0] + [1] * 7, [1] * 8]
+    for a, b, w in zip(got["vllm"], got["reference"], want):
+        assert a.output_ids == b.output_ids and a.token_versions == b.token_versions == w
+        assert a.num_cached_tokens == b.num_cached_tokens
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+    assert [r.num_cached_tokens for r in got["vllm"]][2:] == [32, 32]
+    assert not eng._engine.has_unfinished_requests()
+    with pytest.raises(BadInput, match="arrival_step"):
+        eng.generate([dc.replace(reqs[0], arrival_step=-1)])
 
 
 # ------------------------------------------------------------------------ protocol details

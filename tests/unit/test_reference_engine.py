@@ -236,6 +236,53 @@ def test_an_update_at_the_prefill_has_nothing_in_flight(model_path):
         assert np.abs(np.array(g.logprobs) - b).max() < 1e-5
 
 
+def test_a_request_joining_later_meets_the_update_at_its_own_token(model_path):
+    """Continuous batching: a request that joins at engine step 2 meets an update at step 4 at its
+    token 2, with the bits of that request alone updated at its token 2 (rows are independent);
+    one that joins after the update runs the new version from its prefill."""
+    import dataclasses as dc
+
+    def engine():
+        e = ReferenceEngine(model_path, CLEAN_RAW, ignore_eos=True, initial_version=1)
+        e.load_weights(2, perturbed(model_path, scale=0.5, only=HEAD_ONLY), activate=False)
+        return e
+
+    base = requests(n=3, max_tokens=8)
+    reqs = [base[0], dc.replace(base[1], arrival_step=2), dc.replace(base[2], arrival_step=5)]
+    got = engine().generate(reqs, [WeightUpdate(2, 4)])
+    assert [g.token_versions for g in got] == [[1] * 4 + [2] * 4, [1] * 2 + [2] * 6, [2] * 8]
+    alone = engine().generate([base[1]], [WeightUpdate(2, 2)])[0]
+    assert got[1].output_ids == alone.output_ids and got[1].logprobs == alone.logprobs
+    e = engine()
+    v1, v2 = score_at(e, 1, reqs, got), score_at(e, 2, reqs, got)
+    assert np.abs(np.array(got[1].logprobs[:2]) - v1[1][:2]).max() < 1e-5
+    assert np.abs(np.array(got[1].logprobs[2:]) - v2[1][2:]).max() < 1e-5
+    assert np.abs(np.array(got[2].logprobs) - v2[2]).max() < 1e-5
+    with pytest.raises(BadInput, match="arrival_step") as err:
+        engine().generate([dc.replace(base[0], arrival_step=-1)])
+    assert err.value.field == "arrival_step"
+
+
+def test_a_later_arrival_hits_the_blocks_an_earlier_one_prefilled(model_path):
+    """Prefix caching within one call: the blocks a request prefilled serve a request that joins
+    later with the same prefix, stale if an update landed in between (as vLLM's running batch)."""
+    import dataclasses as dc
+
+    cfg = dc.replace(CLEAN_RAW, enable_prefix_caching=True)
+    engine = ReferenceEngine(model_path, cfg, ignore_eos=True, initial_version=1)
+    engine.load_weights(2, perturbed(model_path, scale=0.5), activate=False)
+    prompt = [1, 26, 14] + [4 + j % 10 for j in range(17)]   # 20 tokens: one full 16-token block
+    first = GenRequest("a", prompt, max_tokens=6, temperature=T, top_p=TOP_P, seed=1)
+    late = GenRequest("b", prompt[:18] + [9, 9], max_tokens=6, temperature=T, top_p=TOP_P, seed=2, arrival_step=4)
+    a, b = engine.generate([first, late], [WeightUpdate(2, 2)])
+    assert a.num_cached_tokens == 0 and b.num_cached_tokens == 16 and b.token_versions == [2] * 6
+    fresh = ReferenceEngine(model_path, cfg, ignore_eos=True, initial_version=1)
+    fresh.load_weights(2, perturbed(model_path, scale=0.5), activate=True)
+    clean = fresh.generate([dc.replace(late, arrival_step=0, forced_output_ids=b.output_ids)])[0]
+    assert clean.num_cached_tokens == 0
+    assert np.abs(np.array(b.logprobs) - np.array(clean.logprobs)).max() > 1e-3   # the hit was stale
+
+
 # --------------------------------------------------------------- prefix cache
 
 
