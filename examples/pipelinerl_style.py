@@ -3,14 +3,16 @@
 The actor samples groups of completions with vLLM; the trainer scores them with a
 transformers model (the same checkpoint, fp32), takes a GRPO step on the importance
 ratio ``exp(lp_trainer - lp_rollout)`` and pushes the new weights to the actor
-between steps. The lines that record are marked ``# replay``: the actor's
-``RequestOutput`` go to ``record_outputs``, the trainer's logprob pass to a
-``TrainerHook``, and each weight update is an event.
+between steps. The lines that record are marked ``# replay``: ``attach`` wraps the
+``LLM`` (engine config, checkpoint, rollouts with versions and submission order, weight
+updates), and a ``TrainerHook`` takes the trainer's logprob pass.
 
 Runs on the CPU with a tiny model built locally::
 
     python examples/pipelinerl_style.py --out recordings/pipelinerl-style --steps 3
     replay sql recordings/pipelinerl-style "SELECT step, avg(abs(log_ratio)) FROM tokens GROUP BY step"
+    replay check recordings/pipelinerl-style      # rerun, bisect and diagnose: all there
+    replay rerun recordings/pipelinerl-style --engine vllm --step all
 """
 from __future__ import annotations
 
@@ -21,9 +23,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in t
 
 import torch
 
-from replay import Recorder  # replay
 from replay.integrations.torch import TrainerHook  # replay
-from replay.integrations.vllm import record_outputs  # replay
+from replay.integrations.vllm import attach  # replay
 
 DIGITS = range(4, 14)  # token ids of "0".."9" in replay.models' vocabulary
 
@@ -66,7 +67,6 @@ def train_step(model, opt, input_ids, mask, old_lp, adv, temperature):
 def main(argv=None) -> None:
     from vllm import LLM, SamplingParams
 
-    from replay.engines._vllm_args import rpc_load_weights
     from replay.models import build_model, load_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -84,30 +84,25 @@ def main(argv=None) -> None:
     sp = SamplingParams(n=4, temperature=args.temperature, max_tokens=8, logprobs=2, seed=1)
     prompts = [{"prompt_token_ids": [1, 35, 14, 5, 15, 6]}, {"prompt_token_ids": [1, 26, 14, 9, 15, 4, 15, 7]}]
 
-    rec = Recorder(args.out, run_config={"example": "pipelinerl_style", "model": str(path)})  # replay
-    hook = TrainerHook(rec, k=5, temperature=args.temperature, weight_version=0)  # replay
-    version = 0
+    run = attach(llm, args.out, weight_update="paused", run_config={"example": "pipelinerl_style"})  # replay
+    hook = TrainerHook(run.rec, k=5, temperature=args.temperature, weight_version=0)  # replay
     for step in range(args.steps):
-        rec.event("step_start", step=step, weight_version=version)  # replay
-        outputs = llm.generate(prompts, sp, use_tqdm=False)  # actor
+        with run.step(step):  # replay
+            outputs = run.generate(prompts, sp, step=step, rewards=reward)  # actor (recorded)
         rewards = [[reward(list(c.token_ids)) for c in o.outputs] for o in outputs]
-        record_outputs(rec, outputs, step=step, sampling_params=sp, llm=llm, weight_version=version,  # replay
-                       rewards=rewards, weight_update="paused")  # replay
         ids, input_ids, mask, old_lp, adv = make_batch(outputs, rewards)  # trainer
         logits, labels, m, loss = train_step(model, opt, input_ids, mask, old_lp, adv, args.temperature)
         hook.record_batch(step=step, request_ids=ids, logits=logits, token_ids=labels, mask=m,  # replay
                           advantages=adv)  # replay
-        version += 1  # blocking weight update: generation is idle between steps
-        rec.event("weights_update_start", step=step, weight_version=version, mode="blocking")  # replay
-        sd = {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}
-        llm.collective_rpc(rpc_load_weights, args=(list(sd.items()),))
-        hook.weight_version = version  # replay
-        rec.event("weights_update_end", step=step, weight_version=version, mode="blocking")  # replay
+        # blocking weight update: generation is idle between steps
+        run.update_weights(step + 1, {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()},
+                           step=step)  # loads into vLLM, stores the weights, records the update
+        hook.weight_version = run.version  # replay
         mean_reward = sum(map(sum, rewards)) / sum(map(len, rewards))
-        rec.metrics(step=step, values={"loss": loss, "reward": mean_reward}, source="trainer")  # replay
+        run.rec.metrics(step=step, values={"loss": loss, "reward": mean_reward}, source="trainer")  # replay
         print(f"step {step}: loss {loss:+.4f} reward {mean_reward:.3f}")
     hook.close()  # replay
-    rec.close()  # replay
+    run.close()  # replay
     print(f"recorded {args.steps} steps into {args.out}")
 
 

@@ -88,6 +88,8 @@ def plan_step(rec, step: int) -> StepPlan:
             order.append(rid)
             if serving is None:
                 serving = version
+        elif kind == "weights_update_start" and d.get("between_steps"):
+            continue   # loaded once the step's generation was done: the next step serves it
         elif kind == "weights_update_start":
             if "after_step" not in d:
                 raise RecordingError(f"weights_update_start at step {step} has no after_step in its detail; "

@@ -47,6 +47,29 @@ def process_logprobs(raw: np.ndarray, temperature: float = 1.0, top_k: int = -1,
     return x
 
 
+def sampler_logprobs(row: Any, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """The processed logprobs vLLM's sampler computes from one float32 logits ``row``, with
+    vLLM's own operations in float32 (``logits.div_(temperature)``, ``apply_top_k_top_p``,
+    ``log_softmax(dtype=float32)``, vllm/v1/sample/sampler.py and ops/topk_topp_sampler.py),
+    so a forced token's logprob has the bits sampling it would have reported. Greedy
+    (``temperature`` ~ 0) is left undivided, as vLLM does. Outside a vLLM install it is
+    :func:`process_logprobs` (equal up to float32 rounding)."""
+    import torch
+
+    try:
+        from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+    except ImportError:
+        return process_logprobs(torch.as_tensor(row).numpy(), temperature, top_k, top_p)
+    x = torch.as_tensor(row, dtype=torch.float32).clone().unsqueeze(0)
+    if temperature >= 1e-5:   # vLLM's _SAMPLING_EPS
+        x.div_(torch.tensor([temperature], dtype=torch.float32).unsqueeze(1))
+    vocab = x.shape[-1]
+    k = torch.tensor([top_k]) if 0 < top_k < vocab else None
+    p = torch.tensor([top_p], dtype=torch.float32) if top_p < 1.0 else None
+    x = apply_top_k_top_p(x, k, p)
+    return x.log_softmax(dim=-1, dtype=torch.float32)[0].numpy()
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     m = np.max(x, axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
@@ -148,8 +171,7 @@ class GenState:
         for i, tok in enumerate(self.ids):
             if i not in rows:
                 raise EngineError(f"no logits kept for forced position {i}", request_id=self.req.request_id)
-            dense = process_logprobs(rows[i].numpy()[:vocab_size], self.req.temperature, self.req.top_k,
-                                        self.req.top_p)
+            dense = sampler_logprobs(rows[i][:vocab_size], self.req.temperature, self.req.top_k, self.req.top_p)
             self.lps[i] = float(dense[tok])
             self.tk_ids[i], self.tk_lps[i] = topk_of_row(dense, self.req.num_topk)
 

@@ -11,10 +11,27 @@ id, read from the ``llm`` object (:func:`describe_llm`).
 chat-completions response served with ``return_tokens_as_token_ids`` (tokens come
 back as ``"token_id:123"``), the path of pipelines that talk to ``vllm serve``.
 
-vLLM is never imported here: the functions read attributes of the objects given.
+:func:`attach` is the one call for a loop on vLLM's ``LLM``: it opens the recorder with
+the complete engine config read from vLLM's own config objects (refusing one replay cannot
+model), puts the checkpoint in the recording (``Recorder.model``), and returns a
+:class:`RecordedLLM` whose ``generate`` records every rollout with its sampling
+parameters, weight versions and submission order, and whose ``update_weights`` loads new
+weights into the running engine, stores them and records the update::
+
+    run = attach(llm, "recordings/run-1", weight_update="paused")
+    for k in range(steps):
+        with run.step(k):
+            outputs = run.generate(prompts, sampling_params, step=k, rewards=reward_fn)
+        ...   # train, with replay.integrations.torch.TrainerHook(run.rec) on the logprob pass
+        run.update_weights(k + 1, model.state_dict(), step=k)
+    run.close()
+
+vLLM is never imported here at module level: the functions read attributes of the objects
+given.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -344,3 +361,125 @@ def _cached_tokens(response_json: Mapping) -> int | None:
     details = usage.get("prompt_tokens_details") or {}
     value = details.get("cached_tokens")
     return None if value is None else int(value)
+
+
+# --------------------------------------------------------------------- one-call attach
+
+
+def engine_run_config(llm: Any, *, weight_update: str = "concurrent") -> dict:
+    """``run_config["engine"]`` for a vLLM engine: name, the complete replay
+    :class:`~replay.fixes.EngineConfig` and the settings a vLLM replay takes as they were.
+    A logprobs mode or dtype replay cannot model is refused, naming it."""
+    info = describe_llm(llm, weight_update=weight_update)
+    if info.engine_config is None:
+        st = info.settings
+        raise BadInput(f"this engine runs logprobs_mode={st['logprobs_mode']}, dtype={st['dtype']}, head "
+                       f"dtype={st['head_dtype']}: a replay models raw_logprobs / processed_logprobs in "
+                       "bfloat16 or float32 only", field="logprobs_mode")
+    return {"name": info.engine, "config": info.engine_config.to_dict(), "config_id": info.engine_config.id,
+            "settings": info.settings}
+
+
+def load_weights(llm: Any, state_dict: Mapping[str, Any]) -> int:
+    """Load HF-named, HF-shaped tensors into a running vLLM ``LLM`` (every worker), through
+    the model's ``load_weights`` wrapped in vLLM's layer-wise reload (which the CPU build's
+    packed kernels need); returns how many tensors each worker took."""
+    from ..engines._vllm_args import rpc_load_weights
+
+    weights = [(k, v.detach() if hasattr(v, "detach") else v) for k, v in state_dict.items()]
+    counts = llm.collective_rpc(rpc_load_weights, args=(weights,))
+    return int(counts[0]) if counts else 0
+
+
+class RecordedLLM:
+    """A vLLM ``LLM`` with the recorder attached (see :func:`attach`). ``rec`` is the
+    :class:`~replay.Recorder` (for the trainer's hooks and metrics); ``version`` the weight
+    version serving now."""
+
+    def __init__(self, llm: Any, rec: Any, *, weight_update: str = "paused", version: int = 0,
+                 engine_info: EngineInfo | None = None):
+        self.llm, self.rec, self.version = llm, rec, int(version)
+        self.weight_update = weight_update
+        self.info = engine_info or describe_llm(llm, weight_update=weight_update)
+        self._stored: str | None = None
+
+    def step(self, step: int):
+        """``with run.step(k):`` marks step ``k``'s start and end (at the serving version)."""
+        return self.rec.step(step, weight_version=self.version)
+
+    def generate(self, prompts: Any, sampling_params: Any, *, step: int, rewards: Any = None,
+                 group_ids: Sequence[str] | None = None, **kw: Any) -> list:
+        """``llm.generate(prompts, sampling_params, ...)``, recorded: each completion a rollout
+        (``"<request_id>:<index>"`` for n > 1) stamped with the serving version, in submission
+        order. ``rewards``: one per output (a float or a list of n), or a function of a
+        completion's token ids."""
+        kw.setdefault("use_tqdm", False)
+        outputs = self.llm.generate(prompts, sampling_params, **kw)
+        if callable(rewards):
+            fn = rewards
+            rewards = [[fn(list(c.token_ids)) for c in o.outputs] for o in outputs]
+        for out in outputs:   # vLLM returns outputs in submission order
+            comps = list(out.outputs)
+            for c in comps:
+                rid = str(out.request_id) if len(comps) == 1 else f"{out.request_id}:{c.index}"
+                self.rec.event("request_submitted", step=step, weight_version=self.version, request_id=rid)
+        record_outputs(self.rec, outputs, step=step, sampling_params=sampling_params, weight_version=self.version,
+                       group_ids=group_ids, rewards=rewards, engine_info=self.info)
+        return outputs
+
+    def update_weights(self, version: int, state_dict: Mapping[str, Any], *, step: int | None = None,
+                       store: str = "delta") -> None:
+        """Load ``state_dict`` into the engine between two steps and record it: the update
+        (mode, version), and the weights (``store``: "delta" against the previous version
+        stored, "full", or "hash" for a hash only)."""
+        import torch
+
+        if store not in ("delta", "full", "hash"):
+            raise BadInput(f"store must be delta, full or hash, not {store!r}", field="store")
+        self.rec.event("weights_update_start", step=step, weight_version=int(version), mode=self.weight_update,
+                       between_steps=True)
+        load_weights(self.llm, state_dict)
+        host = {k: (v.detach().to("cpu") if isinstance(v, torch.Tensor) else v) for k, v in state_dict.items()}
+        if store == "hash":
+            from ..weights import serialize_state_dict
+
+            self.rec.weights(version=int(version), step=step,
+                             sha256=hashlib.sha256(serialize_state_dict(host)).hexdigest())
+        else:
+            self.rec.weights(version=int(version), step=step, state_dict=host, delta=store == "delta")
+        set_version = getattr(getattr(self.llm, "llm_engine", None), "set_weight_version", None)
+        if callable(set_version):
+            set_version(str(int(version)))
+        self.version = int(version)
+        self.rec.event("weights_update_end", step=step, weight_version=self.version, mode=self.weight_update,
+                       between_steps=True)
+
+    def close(self) -> None:
+        self.rec.close()
+
+    def __enter__(self) -> "RecordedLLM":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.rec.close(error=exc)
+
+
+def attach(llm: Any, path: Any, *, weight_update: str = "paused", run_config: dict | None = None,
+           model: bool | str = True, store_model_weights: bool = True, **recorder_kw: Any) -> RecordedLLM:
+    """Open a recording for a loop on the vLLM ``llm``: see the module doc. ``weight_update``
+    is how the loop loads new weights ("paused": between steps, nothing in flight, which is
+    what :meth:`RecordedLLM.update_weights` does; "concurrent" if generation goes on).
+    ``model``: put the engine's checkpoint in the recording (True), another folder (a path),
+    or nothing (False). ``recorder_kw`` go to :class:`~replay.Recorder`."""
+    from ..recorder import Recorder
+
+    info = describe_llm(llm, weight_update=weight_update)
+    config = dict(run_config or {})
+    config["engine"] = engine_run_config(llm, weight_update=weight_update)
+    folder = info.settings.get("model") if model is True else (model or None)
+    if folder:
+        config.setdefault("model", str(folder))
+    rec = Recorder(path, run_config=config, **recorder_kw)
+    if folder:
+        rec.model(folder, store_weights=store_model_weights)
+    return RecordedLLM(llm, rec, weight_update=weight_update, engine_info=info)

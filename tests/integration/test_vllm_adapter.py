@@ -228,3 +228,22 @@ def test_pipelinerl_style_example_records_a_run(tmp_path):
     assert kinds.count("weights_update_end") == 2
     modes = rec.sql("SELECT DISTINCT logprobs_mode FROM rollouts").fetchall()
     assert modes == [("processed_logprobs",)]
+    rec.close()
+    # Recorded through the adapters only, the run is replayable anywhere: copied to another folder,
+    # its checkpoint gone, vLLM replays every step and gives back every recorded logprob, bit for bit.
+    import json
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "rec"
+    shutil.copytree(tmp_path / "rec", moved)
+    shutil.rmtree(tmp_path / "model")
+    shutil.rmtree(tmp_path / "rec")
+    check = subprocess.run([sys.executable, "-m", "replay", "check", str(moved), "--require", "rerun"],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert check.returncode == 0, check.stdout + check.stderr
+    proc = subprocess.run([sys.executable, "-m", "replay", "rerun", str(moved), "--engine", "vllm", "--step", "all",
+                           "--format", "json"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = json.loads(proc.stdout)
+    assert [s["step"] for s in steps] == [0, 1]
+    assert all(s["fidelity"]["exact"] for s in steps), [s["fidelity"] for s in steps]
