@@ -309,6 +309,9 @@ def reference_scores(path: str | Path, steps: Sequence[int] | None = None, *, dt
         rows = seqs if changed else todo
         _write(path, rows, keys, generation + 1, ref.trainer_semantics, body)
         ref.seconds["write"] = time.perf_counter() - t0
+    for s in seqs:   # the floor is this sample's, whatever earlier commands stored for other sequences
+        if (s.step, s.request_id) not in sample:
+            s.floor = s.floor_trainer = None
     return ref
 
 

@@ -315,3 +315,19 @@ def test_bisect_layers_on_real_vllm_hooks_the_running_model(runs):
     for a, b in zip(got, want):
         assert a.shape == b.shape and np.abs(a).max() > 0.1
         assert np.abs(a - b).max() < 1e-4
+
+
+def test_the_floor_does_not_depend_on_what_ran_before(runs, tmp_path):
+    """A fix bisection at one step stores a floor for that step's own sample; a later diagnosis of
+    the whole run measures its floor on its own sample all the same: the same report either way."""
+    import shutil
+
+    from replay.diagnose.components import floors
+    from replay.diagnose.reference import reference_scores
+
+    path = tmp_path / "v1"
+    shutil.copytree(runs / "v1", path)
+    before = floors(reference_scores(path, write=False).seqs)[0]
+    bisect_fixes(path, 1, write=True)
+    after = floors(reference_scores(path).seqs)[0]
+    assert (after.n, after.mean) == (before.n, pytest.approx(before.mean, rel=1e-12))

@@ -309,3 +309,4 @@ def test_weights_of_another_model_are_one_line(recorded, tmp_path):
                            "--dtype", "float16", "--model", str(other)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "does not fit" in proc.stderr.strip().splitlines()[-1]
+
