@@ -33,7 +33,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rerun": ("replay.rerun", "re-execute recorded steps under another engine config"),
     "diagnose": ("replay.diagnose.cli", "where the mismatch comes from and why: backend, trainer, lag"),
     "bisect": ("replay.bisect_cli", "find where a run departs: steps, fixes, tokens, layers"),
-    "tui": ("replay.tui_cli", "browse recordings in the terminal UI"),
     "import": ("replay.importers_cli", "turn another tool's logs into a recording"),
 }
 FORMAT_HELP = "output format (default: table)"
@@ -255,8 +254,29 @@ def _unavailable(name: str, module: str, why: str) -> Callable[[argparse.Namespa
     return run
 
 
+PLUGIN_GROUP = "replay.commands"   # entry points "name = module:add_parser" other packages add (the UI)
+
+
+def _plugins() -> dict[str, tuple[str, str]]:
+    """Commands other installed packages register: name -> (module, help), the help being
+    the module's ``HELP`` (such a module keeps its heavy imports inside its command)."""
+    from importlib.metadata import entry_points
+
+    out = {}
+    for ep in entry_points(group=PLUGIN_GROUP):
+        if ep.name in COMMANDS:
+            continue
+        module = ep.value.split(":")[0]
+        try:
+            help_ = str(getattr(importlib.import_module(module), "HELP", ep.name))
+        except Exception as e:  # noqa: BLE001 - listed anyway; choosing it says why it fails
+            help_ = f"(cannot be loaded: {' '.join(str(e).split())[:80]})"
+        out[ep.name] = (module, help_)
+    return out
+
+
 def _add_external(sub: argparse._SubParsersAction, chosen: str | None) -> None:
-    for name, (module, help_) in COMMANDS.items():
+    for name, (module, help_) in {**COMMANDS, **_plugins()}.items():
         if name != chosen:
             sub.add_parser(name, help=help_, add_help=False)
             continue

@@ -313,7 +313,7 @@ def test_vllm_replays_run_in_a_worker_whose_logs_stay_off_the_screen():
 @run_async
 async def test_the_runs_screen_lists_the_folder_of_the_recording_opened(run_paths, settle, tmp_path, monkeypatch):
     """``replay tui PATH`` from anywhere: escape from the timeline shows PATH's siblings, not ./recordings."""
-    from replay.tui_cli import runs_root
+    from tui.cli import runs_root
     from tui.screens.runs import RunsScreen
     run, ref = run_paths
     monkeypatch.chdir(tmp_path)    # no ./recordings here

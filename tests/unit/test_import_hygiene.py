@@ -13,7 +13,8 @@ HEAVY = ("torch", "textual", "vllm", "transformers")
 LIGHT_MODULES = ("replay", "replay.recorder", "replay.recording", "replay.schema", "replay.weights",
                  "replay.metrics", "replay.fixes", "replay.cli", "replay.doctor", "replay.salvage",
                  "replay._views", "replay._format", "replay.manifest", "replay.errors")
-IMPORT_RE = re.compile(r"^\s*(?:from|import)\s+(textual|tui)\b", re.M)
+IMPORT_RE = re.compile(r"^\s*(?:from|import)\s+(textual|tui)\b"
+                       r"|(?:import_module|__import__|find_spec)\(\s*[\"'](?:textual|tui)\b", re.M)
 
 
 @pytest.mark.parametrize("module", LIGHT_MODULES)
@@ -35,6 +36,7 @@ def test_cli_help_loads_no_heavy_package():
 
 
 def test_no_core_file_imports_textual_or_tui():
+    """Neither by an import statement nor by name through importlib."""
     offenders = []
     for path in sorted((REPO / "replay").rglob("*.py")):
         for m in IMPORT_RE.finditer(path.read_text()):
@@ -45,6 +47,8 @@ def test_no_core_file_imports_textual_or_tui():
 def test_the_import_check_itself_catches_offenders():
     assert IMPORT_RE.search("x = 1\nfrom textual.app import App\n")
     assert IMPORT_RE.search("    import tui.app")
+    assert IMPORT_RE.search("app = importlib.import_module('tui.app')")
+    assert IMPORT_RE.search('mod = __import__("textual")')
     assert not IMPORT_RE.search("# the tui imports replay\nimport tuition\n")
 
 

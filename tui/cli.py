@@ -1,21 +1,24 @@
 """``replay tui [PATH [--against REF]] [--root recordings/]``: the terminal UI.
 
-This module only parses arguments. The Textual app loads inside the command, so
-``replay`` itself never imports Textual (the core stays usable without it).
+The UI registers this command with ``replay`` through the ``replay.commands`` entry
+point (pyproject.toml), so the core names nothing of the UI. This module only parses
+arguments; the Textual app loads inside the command, so ``replay --help`` never imports
+Textual.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 from pathlib import Path
 
-from .errors import BadInput, ReplayError
+from replay.errors import BadInput, ReplayError
+
+HELP = "browse recordings in the terminal UI"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``tui`` command on ``subparsers``; its handler returns an exit code."""
     p = subparsers.add_parser(
-        "tui", help="browse recordings in the terminal UI",
+        "tui", help=HELP,
         description="Browse recordings: runs, timeline of metrics with the divergence onset, "
                     "step and token views, replay panel, SQL console.")
     p.add_argument("path", nargs="?", type=Path, help="recording to open (default: list --root)")
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and not (Path(value) / "manifest.json").is_file():
             raise BadInput(f"{value} is not a recording (no manifest.json)", field=name)
     try:
-        app_mod = importlib.import_module("tui.app")
+        from . import app as app_mod
     except ImportError as e:
         raise ReplayError(f"the terminal UI needs textual ({e}); install replay-rl[tui]",
                           "tui unavailable") from None
