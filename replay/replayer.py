@@ -189,16 +189,13 @@ class Replayer:
 
     def _load(self, eng, versions: Sequence[int]) -> None:
         """Make every version in ``versions`` known to ``eng`` (without serving it)."""
-        loaded = set(getattr(eng, "versions", ()) or ())
+        loaded = set(eng.versions)
         for v in sorted(set(versions) - loaded):
             eng.load_weights(v, self._state(v), activate=False)
 
     def _serve(self, eng, versions: Sequence[int], serving: int) -> None:
         self._load(eng, versions)
-        if hasattr(eng, "activate"):
-            eng.activate(serving)
-        else:
-            eng.load_weights(serving, self._state(serving), activate=True)
+        eng.activate(serving)
 
     def _drive(self, eng, plan: StepPlan, *, forced: bool, num_topk: int = 0):
         self._serve(eng, plan.versions, plan.serving)
@@ -220,8 +217,7 @@ class Replayer:
             return
         pos = self._position[config.id]
         if pos >= step:  # went back in time: rebuild from the start
-            if hasattr(eng, "reset_prefix_cache"):
-                eng.reset_prefix_cache()
+            eng.reset_prefix_cache()
             pos = -1
         earlier = [s for s in self.steps() if pos < s < step]
         for s in earlier:
@@ -239,7 +235,7 @@ class Replayer:
         config = config or self.recorded_config()
         plan = self._plan(step, allow_incomplete)
         eng = self._engine(config)
-        forced_ok = bool(getattr(eng, "supports_forced_output", False))
+        forced_ok = eng.supports_forced_output
         self._catch_up(eng, config, step, progress)
         note = ""
         if mode == "regenerate":
@@ -255,7 +251,7 @@ class Replayer:
             progress(f"step {step} replayed")
         self._position[config.id] = step
         result = self._result(plan, results, config, mode, note)
-        result.effective = dict(getattr(eng, "effective", None) or {})
+        result.effective = dict(eng.effective or {})
         result.cache_compared = not note   # the generation path ran: its prefix-cache hits are real
         if write:
             self._write(result)
@@ -290,9 +286,9 @@ class Replayer:
                 first = min(len(out), len(r.output_ids))
             rows.append({"request_id": r.request_id, "recorded": r.logprobs,
                          "trainer": r.trainer_logprobs, "replayed": np.asarray(res.logprobs, np.float32),
-                         "versions": list(res.token_versions) if getattr(res, "token_versions", None) else None,
+                         "versions": list(res.token_versions) if res.token_versions else None,
                          "output_ids": out, "first_diff": first, "recorded_versions": r.token_versions,
-                         "num_cached_tokens": getattr(res, "num_cached_tokens", None),
+                         "num_cached_tokens": res.num_cached_tokens,
                          "recorded_cached": r.num_cached_tokens})
         return ReplayResult(step=plan.step, config=config, engine=self.kind, mode=mode,
                             replay_id=uuid.uuid4().hex[:12], rows=rows, note=note)
@@ -376,7 +372,7 @@ class Replayer:
         """Consecutive steps cut into engine calls: lists of plans of at most ``batch`` requests
         (a larger step alone), or ``[step]`` where a step must be replayed on its own."""
         eng = self._engine(config)
-        forced_ok = bool(getattr(eng, "supports_forced_output", False))
+        forced_ok = eng.supports_forced_output
         if batch == 1 or config.enable_prefix_caching or (mode == "score" and not forced_ok):
             for s in steps:
                 yield [s]

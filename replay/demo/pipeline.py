@@ -210,5 +210,5 @@ def _settings(engine) -> dict:
     """What a vLLM replay of this run needs to take as it was (the engine's effective values)."""
     from ..engines.factory import VLLM_REPLAY_SETTINGS
 
-    eff = getattr(engine, "effective", None) or {}
+    eff = engine.effective or {}
     return {k: eff[k] for k in VLLM_REPLAY_SETTINGS if eff.get(k) is not None}

@@ -91,18 +91,17 @@ class GenGroup:
     serving: int | None = None
 
 
-def generate_groups(engine: Any, groups: Sequence[GenGroup]) -> list[list[GenResult]]:
-    """Run ``groups`` batched as far as ``engine`` allows; results per group, in order.
+def generate_groups(engine: "Engine", groups: Sequence[GenGroup]) -> list[list[GenResult]]:
+    """Run ``groups`` batched as far as ``engine`` allows (its ``generate_groups``); results
+    per group, in order. The groups share no prefix-cache history: with prefix caching on,
+    replay them one by one instead."""
+    return engine.generate_groups(groups)
 
-    An engine with its own ``generate_groups`` runs every group in one batch (each with
-    its own serving version and update schedule). Any other engine gets one
-    ``generate()`` call per distinct schedule: groups that start on the same version with
-    the same updates (and no request id in common) share a call. The groups share no
-    prefix-cache history: with prefix caching on, replay them one by one instead.
-    """
-    native = getattr(engine, "generate_groups", None)
-    if native is not None:
-        return native(groups)
+
+def groups_by_calls(engine: "Engine", groups: Sequence[GenGroup]) -> list[list[GenResult]]:
+    """``generate_groups`` for an engine without batched groups: one ``generate()`` call per
+    distinct schedule; groups that start on the same version with the same updates (and no
+    request id in common) share a call."""
     calls: list[tuple[tuple, list[int], set[str]]] = []   # (schedule, group indices, request ids)
     for i, g in enumerate(groups):
         key = (g.serving, tuple((u.version, u.after_step) for u in g.updates))
@@ -115,7 +114,7 @@ def generate_groups(engine: Any, groups: Sequence[GenGroup]) -> list[list[GenRes
             call[2].update(ids)
     out: list[list[GenResult]] = [[] for _ in groups]
     for (serving, _), members, _ in calls:
-        if serving is not None and getattr(engine, "version", None) != serving:
+        if serving is not None and engine.version != serving:
             engine.activate(serving)
         first = groups[members[0]]
         results = engine.generate([r for m in members for r in groups[m].requests], first.updates)
@@ -129,20 +128,42 @@ def generate_groups(engine: Any, groups: Sequence[GenGroup]) -> list[list[GenRes
 
 @runtime_checkable
 class Engine(Protocol):
-    """What the replayer, the demo and the bisection drive."""
+    """What the replayer, the demo and the bisection drive: every engine has all of it (the
+    replayer probes nothing), and says what it can do in ``supports_forced_output``."""
 
+    name: str                    # "reference", "vllm", "vllm-v0", ...
     config: Any                  # replay.fixes.EngineConfig
     version: int | None          # the weight version now serving
+    supports_forced_output: bool  # GenRequest.forced_output_ids goes through generation
+    effective: dict | None       # what the engine really runs with (settings it read back), if it knows
+    start_seconds: float | None  # how long the engine took to start
+
+    @property
+    def versions(self) -> list[int]:
+        """Every weight version loaded."""
 
     def load_weights(self, version: int, state_dict: Mapping[str, Any], *, activate: bool = True) -> None:
         """Make ``version`` known to the engine; with ``activate`` serve it from now on."""
+
+    def activate(self, version: int) -> None:
+        """Serve an already loaded ``version`` from now on (the prefix cache is kept)."""
+
+    def reset_prefix_cache(self) -> Any:
+        """Drop every prefix-cache entry."""
 
     def generate(self, requests: Sequence[GenRequest], updates: Sequence[WeightUpdate] = ()) -> list[GenResult]:
         """Generate all requests as one batch, applying ``updates`` at their decode steps
         with the semantics of ``config.weight_update``."""
 
+    def generate_groups(self, groups: Sequence[GenGroup]) -> list[list[GenResult]]:
+        """Several groups (recorded steps) in as few calls as the engine can
+        (:func:`groups_by_calls` where it has no batched groups)."""
+
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         """Teacher-forced logprobs of the given tokens under the current version and config."""
+
+    def hidden_states(self, token_ids: Sequence[int]) -> list[Any]:
+        """Residual stream after the embeddings and each layer, under the serving version."""
 
     def close(self) -> None:
         """Release the engine's resources; safe to call twice."""

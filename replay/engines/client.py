@@ -28,7 +28,7 @@ from .. import errors
 from ..errors import EngineError
 from ..fixes import EngineConfig
 from . import worker as wire
-from .base import GenRequest, GenResult, ScoreRequest, ScoreResult, WeightUpdate
+from .base import GenGroup, GenRequest, GenResult, ScoreRequest, ScoreResult, WeightUpdate, groups_by_calls
 
 STDERR_TAIL_LINES = 40
 
@@ -63,7 +63,11 @@ class EngineClient:
         self._drain.start()
         call, meta, _ = self._receive("ready", start_timeout, starting=True)
         self.info = meta
+        self.name = str(meta.get("engine") or engine)
+        self.start_seconds = meta.get("start_seconds")
         self.version = meta.get("version")
+        self._versions: set[int] = {int(v) for v in meta.get("versions") or ([] if self.version is None
+                                                                               else [self.version])}
         self.effective = meta.get("effective")  # what the engine really runs with (vLLM engines)
         # Whether the child engine can teacher-force GenRequest.forced_output_ids through generate().
         self.supports_forced_output = bool(meta.get("supports_forced_output", False))
@@ -79,6 +83,12 @@ class EngineClient:
         _, meta, _ = self._call("load_weights", {"version": int(version), "activate": bool(activate)},
                                 [{"safetensors": blob}], wire.WEIGHTS_SCHEMA)
         self.version = meta.get("version")
+        self._versions.add(int(version))
+
+    @property
+    def versions(self) -> list[int]:
+        """Every weight version loaded into the child engine."""
+        return sorted(self._versions)
 
     def activate(self, version: int) -> None:
         """Serve an already loaded ``version`` from now on."""
@@ -93,6 +103,10 @@ class EngineClient:
                                    wire.SCHEMAS[GenRequest])
         self.version = meta.get("version")
         return wire.rows_to(GenResult, rows)
+
+    def generate_groups(self, groups: Sequence[GenGroup]) -> list[list[GenResult]]:
+        """One :meth:`generate` call per distinct schedule (:func:`~replay.engines.base.groups_by_calls`)."""
+        return groups_by_calls(self, groups)
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         _, _, rows = self._call("score", {}, list(requests), wire.SCHEMAS[ScoreRequest])

@@ -87,6 +87,7 @@ ops do not pay for thread synchronisation.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -135,6 +136,7 @@ class ReferenceEngine:
         from ._ref_cache import PrefixCache
         from ._ref_model import ArchConfig, ServingView
 
+        t0 = time.perf_counter()
         self.config = config or EngineConfig()
         self.device = device
         self.seed = seed
@@ -149,6 +151,13 @@ class ReferenceEngine:
         self.version: int | None = None
         self._view = ServingView.uniform(initial_version, self.arch.num_layers)
         self.load_weights(initial_version, load_state_dict(model_path), activate=True)
+        self.start_seconds = time.perf_counter() - t0
+
+    @property
+    def effective(self) -> dict:
+        """What this engine runs with: its config, block size, device and thread count."""
+        return {**self.config.to_dict(), "block_size": self.cache.block_size, "device": str(self.device),
+                "num_threads": self.num_threads}
 
     # ----------------------------------------------------------------- weights
 

@@ -47,7 +47,7 @@ from ..fixes import EngineConfig
 from . import _vllm_args as va
 from . import _vllm_forcing as fz
 from . import _vllm_logprobs as vl
-from .base import GenRequest, GenResult, ScoreRequest, ScoreResult, WeightUpdate
+from .base import GenGroup, GenRequest, GenResult, ScoreRequest, ScoreResult, WeightUpdate, groups_by_calls
 
 
 class VLLMEngine:
@@ -236,6 +236,10 @@ class VLLMEngine:
             for key in [k for k in fz.ROWS if k.startswith(tag)]:
                 del fz.ROWS[key]
         return [state[r.request_id].result() for r in requests]
+
+    def generate_groups(self, groups: Sequence[GenGroup]) -> list[list[GenResult]]:
+        """One :meth:`generate` call per distinct schedule (:func:`~replay.engines.base.groups_by_calls`)."""
+        return groups_by_calls(self, groups)
 
     def _gen_params(self, tag: str, r: GenRequest) -> dict[str, Any]:
         from vllm.sampling_params import RequestOutputKind

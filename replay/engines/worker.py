@@ -170,9 +170,9 @@ def make_engine(kind: str, model: str, config: Any, device: str, seed: int, engi
 
 def info(engine: Any, kind: str) -> dict:
     return {"pid": os.getpid(), "executable": sys.executable, "python": sys.version.split()[0],
-            "engine": kind, "protocol": PROTOCOL_VERSION, "version": getattr(engine, "version", None),
-            "effective": getattr(engine, "effective", None), "start_seconds": getattr(engine, "start_seconds", None),
-            "supports_forced_output": bool(getattr(engine, "supports_forced_output", False))}
+            "engine": kind, "protocol": PROTOCOL_VERSION, "version": engine.version, "versions": engine.versions,
+            "effective": engine.effective, "start_seconds": engine.start_seconds,
+            "supports_forced_output": bool(engine.supports_forced_output)}
 
 
 def handle(engine: Any, kind: str, call: str, meta: dict, rows: list[dict]) -> bytes:

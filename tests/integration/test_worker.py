@@ -96,6 +96,10 @@ def test_reference_worker_matches_the_in_process_engine_and_closes_cleanly(tiny_
     local = ReferenceEngine(tiny_model, EngineConfig(), seed=0)
     expected = local.generate(_reqs(num_topk=3))
     client = EngineClient("reference", tiny_model, EngineConfig(), device="cpu")
+    from replay.engines.base import Engine
+
+    assert isinstance(client, Engine) and client.name == "reference" and client.versions == [0]
+    assert client.effective == local.effective and client.supports_forced_output is True
     got = client.generate(_reqs(num_topk=3))
     for a, b in zip(got, expected):
         assert a.output_ids == b.output_ids and a.token_versions == b.token_versions

@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from replay.engines.base import Engine, GenGroup, GenRequest, ScoreRequest, WeightUpdate, generate_groups  # noqa: E402
+from replay.engines.base import Engine, GenGroup, GenRequest, ScoreRequest, WeightUpdate, generate_groups, groups_by_calls  # noqa: E402
 from replay.engines.reference import ReferenceEngine  # noqa: E402
 from replay.errors import BadInput  # noqa: E402
 from replay.fixes import EngineConfig, resolve  # noqa: E402
@@ -151,6 +151,22 @@ def test_top_k_and_topk_logprobs(model_path):
             # (bf16 logits tie often; vLLM keeps ties too).
             assert all(x == float("-inf") or x == lps[2] for x in lps[3:])
             assert abs(np.logaddexp.reduce(lps)) < 1e-5
+
+
+def test_every_engine_class_has_the_whole_protocol():
+    """The replayer probes no engine for what it can do: each engine class has every method and
+    property of the protocol (the V0 one too, which cannot run here)."""
+    import inspect
+
+    from replay.engines.client import EngineClient
+    from replay.engines.vllm import VLLMEngine
+    from replay.engines.vllm_v0 import VLLMV0Engine
+
+    members = [n for n, v in vars(Engine).items() if not n.startswith("_") and (callable(v) or isinstance(v, property))]
+    assert {"versions", "activate", "reset_prefix_cache", "generate_groups", "hidden_states"} <= set(members)
+    for cls in (ReferenceEngine, VLLMEngine, VLLMV0Engine, EngineClient):
+        missing = [n for n in members if not inspect.getattr_static(cls, n, None)]
+        assert missing == [], (cls.__name__, missing)
 
 
 # ------------------------------------------------------------------- versions
@@ -450,7 +466,8 @@ def test_groups_under_prefix_caching_are_refused(model_path):
 class _PlainEngine(ReferenceEngine):
     """The reference engine seen through generate() only, as an engine without batched groups is."""
 
-    generate_groups = None
+    def generate_groups(self, groups):
+        return groups_by_calls(self, groups)
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
