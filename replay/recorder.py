@@ -152,6 +152,9 @@ def _last_event_seq(root: Path, rank: int) -> int:
     return best
 
 
+ROLLOUT_STEPS_KEPT = 1 << 20   # request ids whose rollout step a recorder remembers for the trainer's rows
+
+
 class Recorder:
     """Records one rank of an RL run into the recording directory ``path``."""
 
@@ -199,6 +202,10 @@ class Recorder:
         self._store = None                     # WeightStore, made on first weights()
         self._weights_last: str | None = None  # sha256 of the last version stored
         self._weights_version: dict[str, int] = {}  # sha256 -> version, for base_version
+        # request_id -> step of its rollout, None when rolled out at several (the latest ROLLOUT_STEPS_KEPT),
+        # so the trainer's rows join their rollouts whatever step counter the trainer keeps (see trainer())
+        self._rollout_step: dict[str, int | None] = {}
+        self.trainer_rows_moved = 0
         self._count_lock = threading.Lock()    # the counters below, from several threads
         self._submitted: dict[str, int] = {}
         self._caller_errors = 0
@@ -325,11 +332,36 @@ class Recorder:
                "num_cached_tokens": num_cached_tokens}
         n = _length(output_ids)
         self._submit("rollouts", row, n, 256 + _nbytes(row["prompt_ids"]) + 3 * _nbytes(row["output_ids"]))
+        if isinstance(request_id, str) and isinstance(step, int):
+            seen = self._rollout_step
+            before = seen.get(request_id, step)
+            seen[request_id] = step if before == step else None   # None: rolled out at several steps
+            if len(seen) > ROLLOUT_STEPS_KEPT:
+                del seen[next(iter(seen))]
+
+    def _rollouts_step(self, step: Any, request_id: Any) -> Any:
+        """The one step this recorder wrote ``request_id``'s rollout at, where ``step`` differs
+        from it; ``step`` itself when there is none, or several (a request id reused)."""
+        at = self._rollout_step.get(request_id) if isinstance(request_id, str) else None
+        if at is None or at == step:
+            return step
+        if not self.trainer_rows_moved:
+            log.info("recorder: trainer rows of request %s given step %s go to its rollout's step %s (the "
+                     "trainer counts its own steps); said once", request_id, step, at)
+        self.trainer_rows_moved += 1
+        return at
 
     @_guarded
     def trainer(self, *, step: int | None = None, request_id: str | None = None, logprobs: Any = None,
                 weight_version: int | None = None, entropy: Any = None, advantage: float | None = None) -> None:
-        """One sequence as the trainer scored it: its logprob (and entropy) per output token."""
+        """One sequence as the trainer scored it: its logprob (and entropy) per output token.
+
+        ``step`` is its rollout's step. When this recorder wrote the rollout of ``request_id``
+        at one other step (a one-step-off trainer counting its own steps), the row goes to the
+        rollout's step, so it joins its rollout (counted in ``trainer_rows_moved``). Rows of a
+        request id rolled out at several steps, and rows written by another process, keep the
+        step given."""
+        step = self._rollouts_step(step, request_id)
         row = {"step": step, "request_id": request_id, "weight_version": weight_version,
                "logprobs": cv.snapshot(logprobs), "entropy": cv.snapshot(entropy),
                "advantage": cv.snapshot_scalar(advantage)}
@@ -339,7 +371,10 @@ class Recorder:
     def topk(self, *, step: int | None = None, request_id: str | None = None, source: str | None = None,
              ids: Any = None, logprobs: Any = None, positions: Any = None) -> None:
         """Top-k alternatives of a sequence: ``ids`` and ``logprobs`` of shape [n_tokens, k]
-        at ``positions`` (default 0..n_tokens-1)."""
+        at ``positions`` (default 0..n_tokens-1). A trainer's (``source="trainer"``) go to the
+        rollout's step, as in :meth:`trainer`."""
+        if source == "trainer":
+            step = self._rollouts_step(step, request_id)
         row = {"step": step, "request_id": request_id, "source": source, "ids": cv.snapshot(ids),
                "logprobs": cv.snapshot(logprobs), "positions": cv.snapshot(positions)}
         self._submit("topk", row, _length(ids), 256 + 2 * _nbytes(row["ids"]))
@@ -461,7 +496,7 @@ class Recorder:
                 "rejects": w.rejects + self._caller_rejects, "errors": w.errors + self._caller_errors,
                 "dropped_rows": w.dropped,
                 "queue_depth": w.pending_rows(), "bytes": w.bytes_closed + w.open_bytes(),
-                "writer_cpu_s": round(w.cpu_s, 3),
+                "writer_cpu_s": round(w.cpu_s, 3), "trainer_rows_moved": self.trainer_rows_moved,
                 "closed": self._closed}
 
     # ---------------------------------------------------------------- closing

@@ -26,6 +26,7 @@ def _write(root: Path, model: Path, *, engine="full", versions=True, weights=(0,
     if engine is not None:
         run_config["engine"] = {"name": "vllm-test", "config": cfg}
     rng = np.random.default_rng(0)
+    later = []   # a trainer in another process, counting its own steps: rows the recorder cannot re-key
     with Recorder(root, run_config=run_config, strict=True) as rec:
         for v in weights:
             rec.weights(version=v, step=v, state_dict={"w": np.full(4, v, np.float32)})
@@ -38,10 +39,37 @@ def _write(root: Path, model: Path, *, engine="full", versions=True, weights=(0,
                 if trainer == "same":
                     rec.trainer(step=step, request_id=rid, weight_version=step, logprobs=-rng.random(3))
                 elif trainer == "shifted":  # the trainer's own step counter: one ahead
-                    rec.trainer(step=step + 1, request_id=rid, weight_version=step, logprobs=-rng.random(3))
+                    later.append(dict(step=step + 1, request_id=rid, weight_version=step, logprobs=-rng.random(3)))
             if step_end:
                 rec.event("step_end", step=step)
+    if later:
+        with Recorder(root, rank=1, strict=True) as trainer_rank:
+            for row in later:
+                trainer_rank.trainer(**row)
     return root
+
+
+def test_a_trainer_counting_its_own_steps_in_the_same_process_joins_its_rollouts(tmp_path, model):
+    """One-step-off: the trainer gives step k+1 for rollouts of step k. The recorder that wrote the
+    rollouts puts the rows at the rollouts' step, so every token has its trainer logprob."""
+    from replay import open_recording
+
+    with Recorder(tmp_path / "r", run_config={"model": str(model)}, strict=True) as rec:
+        for step in range(STEPS):
+            rec.rollout(step=step, request_id=f"s{step}", prompt_ids=[1], output_ids=[3, 4], logprobs=[-0.5, -0.25])
+            rec.trainer(step=step + 1, request_id=f"s{step}", weight_version=step, logprobs=[-0.5, -0.5])
+        rec.trainer(step=7, request_id="never-rolled-out", logprobs=[-0.1])
+        for step in (5, 6):   # a request id reused at two steps: nothing to say which one a row means
+            rec.rollout(step=step, request_id="again", prompt_ids=[1], output_ids=[3], logprobs=[-0.5])
+        rec.trainer(step=9, request_id="again", logprobs=[-0.5])
+        moved = rec.stats()["trainer_rows_moved"]
+    assert moved == STEPS
+    with open_recording(tmp_path / "r") as r:
+        assert r.sql("SELECT count(*), count(lp_trainer) FROM tokens WHERE request_id LIKE 's%'").fetchall() == [
+            (2 * STEPS, 2 * STEPS)]
+        assert r.sql("SELECT step FROM trainer WHERE request_id = 'again'").fetchall() == [(9,)]
+        assert r.sql("SELECT step FROM trainer WHERE request_id = 'never-rolled-out'").fetchall() == [(7,)]
+    assert "another step" not in json.dumps(check(tmp_path / "r"))
 
 
 @pytest.fixture(scope="module")
