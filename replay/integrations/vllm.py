@@ -366,11 +366,11 @@ def _cached_tokens(response_json: Mapping) -> int | None:
 # --------------------------------------------------------------------- one-call attach
 
 
-def engine_run_config(llm: Any, *, weight_update: str = "concurrent") -> dict:
-    """``run_config["engine"]`` for a vLLM engine: name, the complete replay
-    :class:`~replay.fixes.EngineConfig` and the settings a vLLM replay takes as they were.
-    A logprobs mode or dtype replay cannot model is refused, naming it."""
-    info = describe_llm(llm, weight_update=weight_update)
+def engine_run_config(llm: Any, *, weight_update: str = "concurrent", info: EngineInfo | None = None) -> dict:
+    """``run_config["engine"]`` for a vLLM engine (or its :func:`describe_llm` ``info``): name,
+    the complete replay :class:`~replay.fixes.EngineConfig` and the settings a vLLM replay
+    takes as they were. A logprobs mode or dtype replay cannot model is refused, naming it."""
+    info = info or describe_llm(llm, weight_update=weight_update)
     if info.engine_config is None:
         st = info.settings
         raise BadInput(f"this engine runs logprobs_mode={st['logprobs_mode']}, dtype={st['dtype']}, head "
@@ -475,7 +475,7 @@ def attach(llm: Any, path: Any, *, weight_update: str = "paused", run_config: di
 
     info = describe_llm(llm, weight_update=weight_update)
     config = dict(run_config or {})
-    config["engine"] = engine_run_config(llm, weight_update=weight_update)
+    config["engine"] = engine_run_config(llm, info=info)
     folder = info.settings.get("model") if model is True else (model or None)
     if folder:
         config.setdefault("model", str(folder))
