@@ -336,19 +336,23 @@ class Recorder:
             seen = self._rollout_step
             before = seen.get(request_id, step)
             seen[request_id] = step if before == step else None   # None: rolled out at several steps
-            if len(seen) > ROLLOUT_STEPS_KEPT:
-                del seen[next(iter(seen))]
+            if len(seen) > ROLLOUT_STEPS_KEPT:   # rare: forget the oldest, one thread at a time
+                with self._count_lock:
+                    while len(seen) > ROLLOUT_STEPS_KEPT:
+                        seen.pop(next(iter(seen)), None)
 
-    def _rollouts_step(self, step: Any, request_id: Any) -> Any:
+    def _rollouts_step(self, step: Any, request_id: Any, *, count: bool) -> Any:
         """The one step this recorder wrote ``request_id``'s rollout at, where ``step`` differs
         from it; ``step`` itself when there is none, or several (a request id reused)."""
         at = self._rollout_step.get(request_id) if isinstance(request_id, str) else None
         if at is None or at == step:
             return step
-        if not self.trainer_rows_moved:
-            log.info("recorder: trainer rows of request %s given step %s go to its rollout's step %s (the "
-                     "trainer counts its own steps); said once", request_id, step, at)
-        self.trainer_rows_moved += 1
+        if count:
+            with self._count_lock:
+                if not self.trainer_rows_moved:
+                    log.info("recorder: trainer rows of request %s given step %s go to its rollout's step %s "
+                             "(the trainer counts its own steps); said once", request_id, step, at)
+                self.trainer_rows_moved += 1
         return at
 
     @_guarded
@@ -361,7 +365,7 @@ class Recorder:
         rollout's step, so it joins its rollout (counted in ``trainer_rows_moved``). Rows of a
         request id rolled out at several steps, and rows written by another process, keep the
         step given."""
-        step = self._rollouts_step(step, request_id)
+        step = self._rollouts_step(step, request_id, count=True)
         row = {"step": step, "request_id": request_id, "weight_version": weight_version,
                "logprobs": cv.snapshot(logprobs), "entropy": cv.snapshot(entropy),
                "advantage": cv.snapshot_scalar(advantage)}
@@ -374,7 +378,7 @@ class Recorder:
         at ``positions`` (default 0..n_tokens-1). A trainer's (``source="trainer"``) go to the
         rollout's step, as in :meth:`trainer`."""
         if source == "trainer":
-            step = self._rollouts_step(step, request_id)
+            step = self._rollouts_step(step, request_id, count=False)
         row = {"step": step, "request_id": request_id, "source": source, "ids": cv.snapshot(ids),
                "logprobs": cv.snapshot(logprobs), "positions": cv.snapshot(positions)}
         self._submit("topk", row, _length(ids), 256 + 2 * _nbytes(row["ids"]))
@@ -446,11 +450,12 @@ class Recorder:
         names the checkpoint's weight files where they are instead (a replay then needs that
         path, or ``--model``). One model per recording; call it from one rank. Returns the
         model list (:mod:`replay.stored_model`), or None for a failure in lenient mode."""
-        from .stored_model import checkpoint_state_dict, write_model
+        from .stored_model import check_no_model, checkpoint_state_dict, write_model
 
         self._check_open()
         info = None
         try:
+            check_no_model(self.path)   # before any weights are stored for it
             if store_weights:
                 sd = state_dict if state_dict is not None else checkpoint_state_dict(path)
                 info = self.weights(version=version, step=step, state_dict=sd)

@@ -69,6 +69,13 @@ def weight_files(src: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(src.glob("*.safetensors")) if p.is_file()}
 
 
+def check_no_model(root: str | Path) -> None:
+    """A BadInput when the recording at ``root`` already carries a model (one per run)."""
+    path = Path(root) / MODEL_DIR / MODEL_FILE
+    if path.is_file():
+        raise BadInput(f"{root} already holds a model ({path}); record one model per run", field="model")
+
+
 def write_model(root: str | Path, src: str | Path, *, weights_sha256: str | None,
                 weights_version: int | None, store_weights: bool) -> dict:
     """Copy ``src``'s small files into ``root/model`` and write ``model.json`` last (a reader
@@ -77,9 +84,7 @@ def write_model(root: str | Path, src: str | Path, *, weights_sha256: str | None
     if not (src / "config.json").is_file():
         raise BadInput(f"{src} is not a HF-format checkpoint folder (no config.json)", field="model")
     dest = root / MODEL_DIR
-    if (dest / MODEL_FILE).is_file():
-        raise BadInput(f"{root} already holds a model ({dest / MODEL_FILE}); record one model per run",
-                       field="model")
+    check_no_model(root)
     tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=root))
     try:
         files = {}

@@ -110,3 +110,15 @@ def test_weights_named_where_they_are_replay_while_they_are_there(tmp_path, chec
     shutil.rmtree(checkpoint)
     proc = _rerun(rec)
     assert proc.returncode == 1 and "not there as recorded" in proc.stderr and "--model" in proc.stderr
+
+
+def test_a_second_model_is_refused_before_its_weights_are_stored(tmp_path, checkpoint):
+    from replay import open_recording
+    from replay.errors import BadInput
+
+    with Recorder(tmp_path / "r", strict=True) as rec:
+        rec.model(checkpoint)
+        with pytest.raises(BadInput, match="one model per run"):
+            rec.model(checkpoint, version=7)
+    with open_recording(tmp_path / "r") as r:
+        assert r.sql("SELECT version FROM weights").fetchall() == [(0,)]
