@@ -7,7 +7,7 @@ Shape: logits [8192, 151936] bf16 from hidden [8192, 1536] @ lm_head [1536, 1519
 * ``lm_head``   the matmul itself (the unit of the ratios)
 * ``naive``     ``log_softmax(logits.float())`` + gather + entropy + ``topk`` (what trainers do)
 * ``compiled``  ``torch.compile`` of the naive path
-* ``capture``   ``replay.capture.capture_logits`` (Triton kernel: one read of the logits)
+* ``capture``   ``replay.trainer.capture.capture_logits`` (Triton kernel: one read of the logits)
 * ``chunked``   ``capture_logits(backend="torch")`` (the fallback without Triton)
 * ``topk``      ``torch.topk`` alone on the bf16 logits; ``read``: one pass over the logits
 
@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from replay.capture import capture_logits, capture_naive, triton_available  # noqa: E402
+from replay.trainer.capture import capture_logits, capture_naive, triton_available  # noqa: E402
 
 K = 20
 

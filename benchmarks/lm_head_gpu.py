@@ -36,7 +36,7 @@ from replay.engines.base import GenRequest  # noqa: E402
 from replay.engines.reference import ReferenceEngine  # noqa: E402
 from replay.fixes import resolve  # noqa: E402
 from replay.models import build_model, load_model  # noqa: E402
-from replay.trainer import trainer_logprobs  # noqa: E402
+from replay.trainer.scoring import trainer_logprobs  # noqa: E402
 
 T, TOP_P = 0.7, 0.9
 

@@ -55,7 +55,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from replay.replayer import Replayer
+    from replay.rerun.replayer import Replayer
 
     path = args.recording
     if path is None:
@@ -89,7 +89,7 @@ def batched(path: Path, steps: list[int], batch: int = 256) -> None:
     import dataclasses
 
     from replay.fixes import resolve
-    from replay.replayer import Replayer
+    from replay.rerun.replayer import Replayer
 
     with Replayer(path) as rp:
         cfg = dataclasses.replace(resolve("v0"), dtype=rp.recorded_config().dtype)

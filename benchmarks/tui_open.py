@@ -93,7 +93,7 @@ async def measure(run: Path, ref: Path, presses: int = 10) -> dict:
         out["open_s"] = time.perf_counter() - t0
         out["onset"] = app.screen.timeline.onset.step
         out["onset_method"] = app.screen.timeline.onset.method
-        # replay.bisect refines the onset in the background; time it too
+        # replay.diagnose.bisect refines the onset in the background; time it too
         tl = app.screen
         await _until(pilot, lambda: not any(w.group == "onset" and w.is_running for w in app.workers))
         out["bisect_s"] = time.perf_counter() - t0
@@ -143,7 +143,7 @@ def main() -> int:
         res = asyncio.run(measure(run, ref, args.presses))
         print(f"open → timeline with onset: {res['open_s']:.2f} s for {args.tokens:,} tokens per run "
               f"(onset step {res['onset']}, {res['onset_method']}; target ≤ 3 s at 10M)")
-        print(f"onset from replay.bisect in the background: {res['bisect_s']:.2f} s after start "
+        print(f"onset from replay.diagnose.bisect in the background: {res['bisect_s']:.2f} s after start "
               f"(step {res['bisect_onset']}, {res['bisect_method']})")
         print(f"step view, next sequence:   {res['sequence_latency']}")
         print(f"step view, next token:      {res['token_latency']}")

@@ -6,8 +6,8 @@ functions that need them, so a trainer pays nothing for the import.
 """
 from __future__ import annotations
 
-from .errors import BadInput, EngineError, RecordingError, ReplayError
-from .schema import SCHEMA_VERSION
+from replay.errors import BadInput, EngineError, RecordingError, ReplayError
+from replay.schema import SCHEMA_VERSION
 
 __version__ = "0.1.0"
 
@@ -18,9 +18,9 @@ __all__ = ["Recorder", "open_recording", "ReplayError", "BadInput", "RecordingEr
 def __getattr__(name: str):
     # Loaded on first use so `import replay` stays cheap.
     if name == "Recorder":
-        from .recorder import Recorder
+        from replay.record.recorder import Recorder
         return Recorder
     if name == "open_recording":
-        from .recording import open_recording
+        from replay.read.recording import open_recording
         return open_recording
     raise AttributeError(f"module 'replay' has no attribute {name!r}")

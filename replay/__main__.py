@@ -1,4 +1,4 @@
 """``python -m replay``: the same as the ``replay`` console script."""
-from .cli import main
+from replay.cli.main import main
 
 raise SystemExit(main())

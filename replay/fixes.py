@@ -27,7 +27,7 @@ import json
 from dataclasses import dataclass
 from typing import Iterable
 
-from .errors import BadInput
+from replay.errors import BadInput
 
 # In the order the source applied them; "cumulative" ablations follow this order.
 FIX_IDS: tuple[str, ...] = (

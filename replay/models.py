@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import BadInput
+from replay.errors import BadInput
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -102,7 +102,7 @@ def recorded_model(recording: str | Path, run_config: dict | None) -> tuple[str 
     its parents (a relative path recorded from a project root still resolves from another
     working directory). ``(named, None)`` when no folder with a ``config.json`` is found.
     The carried folder has no weight files: :func:`recording_model` gives a loadable one."""
-    from .stored_model import MODEL_DIR, stored_model
+    from replay.store.model import MODEL_DIR, stored_model
 
     model = (run_config or {}).get("model")
     named = model.get("path") if isinstance(model, dict) else model
@@ -122,14 +122,14 @@ def recorded_model(recording: str | Path, run_config: dict | None) -> tuple[str 
 
 def recording_model(recording: str | Path, run_config: dict | None) -> Path:
     """A loadable checkpoint folder for a recording (see :func:`recorded_model`; a carried
-    model is materialized by :func:`replay.stored_model.materialize`), or a RecordingError
+    model is materialized by :func:`replay.store.model.materialize`), or a RecordingError
     that says how to supply one."""
-    from .errors import RecordingError
-    from .stored_model import MODEL_DIR, materialize
+    from replay.errors import RecordingError
+    from replay.store.model import MODEL_DIR, materialize
 
     named, found = recorded_model(recording, run_config)
     if found is not None and found == Path(recording) / MODEL_DIR:
-        from .recording import open_recording
+        from replay.read.recording import open_recording
 
         with open_recording(recording) as rec:
             return materialize(recording, rec.load_weights)
@@ -393,7 +393,7 @@ def load_config(path: str | Path) -> dict:
 
 def load_state_dict(path: str | Path, dtype: Any = None) -> dict:
     """HF-named tensors of the checkpoint's ``*.safetensors`` files (cast to ``dtype`` if given)."""
-    from .stored_model import checkpoint_state_dict
+    from replay.store.model import checkpoint_state_dict
 
     sd = checkpoint_state_dict(_checkpoint_dir(path))
     if dtype is not None:

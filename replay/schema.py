@@ -11,7 +11,7 @@ A recording is a directory::
       rollouts/rank-0000/part-00000.arrow     closed segment: Arrow IPC file (random access)
       rollouts/rank-0000/part-00001.arrows    open segment: Arrow IPC stream (survives kill -9)
       events/ trainer/ topk/ metrics/ weights/ rejects/ replays/ reference/   one folder per table
-      weights/blobs/<sha256>.zst              weight blobs (replay.weights)
+      weights/blobs/<sha256>.zst              weight blobs (replay.store.weights)
       model/model.json, model/config.json ... the checkpoint's small files (Recorder.model), each
                                         with its sha256; its weights are weight version 0
 

@@ -24,8 +24,8 @@ def relist():
     recording's manifest, as its writer would have, so that readers take it as intact."""
     import pyarrow.ipc as ipc
 
-    from replay.manifest import update_manifest
-    from replay.salvage import rank_entries, sha256_file
+    from replay.store.manifest import update_manifest
+    from replay.store.salvage import rank_entries, sha256_file
 
     def run(seg):
         root = seg.parents[2]

@@ -14,9 +14,9 @@ from textual.binding import Binding
 
 from replay.errors import ReplayError
 
-from . import data
-from .screens.modals import ErrorScreen, HelpScreen
-from .screens.runs import RunsScreen
+from tui import data
+from tui.screens.modals import ErrorScreen, HelpScreen
+from tui.screens.runs import RunsScreen
 
 
 class ReplayApp(App):
@@ -66,7 +66,7 @@ class ReplayApp(App):
         self.call_from_thread(self._opened, ws)
 
     def _opened(self, ws: data.Workspace) -> None:
-        from .screens.timeline import TimelineScreen
+        from tui.screens.timeline import TimelineScreen
         old, self.workspace = self.workspace, ws
         while len(self.screen_stack) > 2:
             self.pop_screen()
@@ -101,7 +101,7 @@ class ReplayApp(App):
             self.push_screen(HelpScreen())
 
     def action_sql(self) -> None:
-        from .screens.sql import SqlScreen
+        from tui.screens.sql import SqlScreen
         if not isinstance(self.screen, SqlScreen):
             self.push_screen(SqlScreen())
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from replay.errors import ReplayError
-from replay.recording import open_recording
+from replay.read.recording import open_recording
 from replay.schema import MANIFEST
 
 

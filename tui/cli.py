@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and not (Path(value) / "manifest.json").is_file():
             raise BadInput(f"{value} is not a recording (no manifest.json)", field=name)
     try:
-        from . import app as app_mod
+        from tui import app as app_mod
     except ImportError as e:
         raise ReplayError(f"the terminal UI needs textual ({e}); install replay-rl[tui]",
                           "tui unavailable") from None

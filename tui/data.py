@@ -22,13 +22,13 @@ import pyarrow.compute as pc
 
 from replay.errors import RecordingError, ReplayError
 from replay.fixes import FIX_SHORT
-from replay.manifest import overall_status, read_manifest
+from replay.store.manifest import overall_status, read_manifest
 from replay.models import recorded_model
-from replay.recording import open_recording, sql_error
+from replay.read.recording import open_recording, sql_error
 
-from . import engine_adapter
-from .onset import Onset, onset_by_rule
-from .stepstats import fetch, match_trainer, sequence_stats, step_metrics
+from tui import engine_adapter
+from tui.onset import Onset, onset_by_rule
+from tui.stepstats import fetch, match_trainer, sequence_stats, step_metrics
 
 RUN, REF = "run", "ref"
 STEP_CACHE = 4  # steps whose rows the step view keeps in memory
@@ -231,17 +231,17 @@ class Workspace:
         return Timeline(run, ref, onset_by_rule(run, ref), self.status())
 
     def bisect_onset(self) -> Onset | None:
-        """The onset from ``replay.bisect.bisect_steps`` (None when it is absent or fails: the rule stands)."""
+        """The onset from ``replay.diagnose.bisect.bisect_steps`` (None when it is absent or fails: the rule stands)."""
         if not self.has_ref:
             return None
         try:
             found = engine_adapter.bisect_steps(self.run_path, self.ref_path)
         except Exception as e:  # noqa: BLE001 - the rule's onset stays; the reason is shown
-            return Onset(None, "replay.bisect failed", {"reason": " ".join(str(e).split())})
+            return Onset(None, "replay bisect failed", {"reason": " ".join(str(e).split())})
         if found is None:
             return None
         step = found.get("step")
-        method = "replay.bisect" + (f" {found['method']}" if found.get("method") else "")
+        method = "replay bisect" + (f" {found['method']}" if found.get("method") else "")
         evidence = {"evidence": found.get("evidence")}
         if step is None:
             evidence["reason"] = found.get("reason") or "the run stays within the reference's noise"

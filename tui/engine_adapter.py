@@ -1,4 +1,4 @@
-"""The TUI's one door to replay and bisection (``replay.replayer``, ``replay.bisect``).
+"""The TUI's one door to replay and bisection (``replay.rerun.replayer``, ``replay.diagnose.bisect``).
 
 These modules may be missing (a core without engines) or unable to run here; the
 TUI then says so — "replay engine not available: <reason>" — and never shows
@@ -30,8 +30,8 @@ def availability(kind: str = "replay") -> str | None:
     """None when ``kind`` ("replay" or "bisect") can run here, else the reason it cannot: the
     engines need torch (the ``engines`` extra)."""
     try:
-        import replay.bisect  # noqa: F401
-        import replay.replayer  # noqa: F401,F811
+        import replay.diagnose.bisect  # noqa: F401
+        import replay.rerun.replayer  # noqa: F401,F811
     except ImportError as e:
         return f"replay's replay modules cannot be imported ({e})"
     if importlib.util.find_spec("torch") is None:
@@ -74,9 +74,9 @@ class ReplayOutcome:
 
 def run_replay(req: ReplayRequest, progress: ProgressFn | None = None) -> ReplayOutcome:
     """Replay ``req.step`` (score mode) under ``req.preset`` + ``req.fixes`` in the recorded model
-    dtype (as ``replay.bisect`` does); rows land in the recording's replays table."""
+    dtype (as ``replay.diagnose.bisect`` does); rows land in the recording's replays table."""
     from replay.fixes import resolve
-    from replay.replayer import Replayer
+    from replay.rerun.replayer import Replayer
 
     with Replayer(req.path, engine=req.engine, python=worker_python(req.engine), model_path=req.model) as rp:
         cfg = dataclasses.replace(resolve(req.preset, req.fixes), dtype=rp.recorded_config().dtype)
@@ -131,9 +131,9 @@ def _table_of(ablation: Any) -> tuple[list[str], list[tuple]]:
 
 
 def run_bisect_fixes(req: ReplayRequest, progress: ProgressFn | None = None) -> FixBisection:
-    """Delta-debug, at ``req.step``, the fixes the recording lacks with ``replay.bisect.bisect_fixes``
+    """Delta-debug, at ``req.step``, the fixes the recording lacks with ``replay.diagnose.bisect.bisect_fixes``
     (it starts from the recorded config, whatever preset the panel shows)."""
-    from replay.bisect import bisect_fixes
+    from replay.diagnose.bisect import bisect_fixes
 
     raw = bisect_fixes(req.path, req.step, engine=req.engine, python=worker_python(req.engine),
                        model_path=req.model, progress=progress)
@@ -145,8 +145,8 @@ def run_bisect_fixes(req: ReplayRequest, progress: ProgressFn | None = None) -> 
 
 
 def bisect_steps(run: Path, against: Path) -> dict:
-    """``replay.bisect.bisect_steps(run, against)``: a dict with ``step`` (the onset or None),
+    """``replay.diagnose.bisect.bisect_steps(run, against)``: a dict with ``step`` (the onset or None),
     ``method`` and ``evidence``."""
-    from replay.bisect import bisect_steps as steps
+    from replay.diagnose.bisect import bisect_steps as steps
 
     return steps(run, against)

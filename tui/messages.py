@@ -108,7 +108,7 @@ class Unavailable(Message):
 
 
 class OnsetFound(Message):
-    """replay.bisect answered: the divergence onset (``onset.Onset``) replaces the rule's."""
+    """replay.diagnose.bisect answered: the divergence onset (``onset.Onset``) replaces the rule's."""
 
     def __init__(self, onset: Any) -> None:
         super().__init__()

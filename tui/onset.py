@@ -1,6 +1,6 @@
 """Divergence onset of a run against a reference, from per-step metrics.
 
-When ``replay.bisect.bisect_steps`` is importable the TUI asks it (see
+When ``replay.diagnose.bisect.bisect_steps`` is importable the TUI asks it (see
 ``tui.data.find_onset``). Otherwise it uses this rule, simple and stated:
 
     the onset is the first step s of the run where BOTH
@@ -36,7 +36,7 @@ class Onset:
 
     # first divergent step, or None
     step: int | None
-    # how it was found: "replay.bisect" or "rule"
+    # how it was found: "replay bisect ..." (the bisection) or "rule"
     method: str
     # the numbers behind the decision (metric values and thresholds at the onset)
     evidence: dict = field(default_factory=dict)

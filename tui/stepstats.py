@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from replay.metrics import clip_bounds
-from replay.recording import quote_ident
+from replay.read.recording import quote_ident
 
 SEQ_COLUMNS = ("step", "request_id", "reward", "lr", "lt", "ent")
 

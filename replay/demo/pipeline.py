@@ -27,10 +27,10 @@ from typing import Callable
 
 import numpy as np
 
-from ..fixes import EngineConfig
-from ..metrics import token_metrics
-from .rl import TrainConfig, grpo_advantages, policy_loss, token_logprobs, unpad
-from .task import sample_problems
+from replay.fixes import EngineConfig
+from replay.metrics import token_metrics
+from replay.demo.rl import TrainConfig, grpo_advantages, policy_loss, token_logprobs, unpad
+from replay.demo.task import sample_problems
 
 
 @dataclass
@@ -62,10 +62,10 @@ def run(spec: RunSpec, progress: Callable[[int, int], None] | None = None) -> di
     """Train and record one run into ``<out_dir>/<name>``; returns per-step metrics."""
     import torch
 
-    from ..engines.base import GenRequest, WeightUpdate
-    from ..engines.factory import engine_name, make_engine
-    from ..models import EOS_ID, load_model
-    from ..recorder import Recorder
+    from replay.engines.base import GenRequest, WeightUpdate
+    from replay.engines.factory import engine_name, make_engine
+    from replay.models import EOS_ID, load_model
+    from replay.record.recorder import Recorder
 
     torch.manual_seed(spec.seed)
     rng = np.random.default_rng(spec.seed)
@@ -208,7 +208,7 @@ def save_summary(path: Path, result: dict) -> None:
 
 def _settings(engine) -> dict:
     """What a vLLM replay of this run needs to take as it was (the engine's effective values)."""
-    from ..engines.factory import VLLM_REPLAY_SETTINGS
+    from replay.engines.factory import VLLM_REPLAY_SETTINGS
 
     eff = engine.effective or {}
     return {k: eff[k] for k in VLLM_REPLAY_SETTINGS if eff.get(k) is not None}

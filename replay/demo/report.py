@@ -37,7 +37,7 @@ def plot_curves(results: list[dict], png: Path, *, spread_names: list[str]) -> P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .runner import CURVES
+    from replay.demo.runner import CURVES
 
     by_name = {r["name"]: r for r in results}
     fig, axes = plt.subplots(2, 2, figsize=(13, 8), sharex=True)

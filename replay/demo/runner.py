@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fixes import FIX_IDS, EngineConfig, resolve
-from .pipeline import RunSpec
-from .rl import TrainConfig
+from replay.fixes import FIX_IDS, EngineConfig, resolve
+from replay.demo.pipeline import RunSpec
+from replay.demo.rl import TrainConfig
 
 CURVES = ("clamp_log_ratio_new_old_indicator", "kl_new_old", "entropy", "reward")
 REFERENCE = "v0"
@@ -28,7 +28,7 @@ def default_runs() -> list[str]:
 
 
 def run_config(name: str, dtype: str) -> EngineConfig:
-    from ..fixes import parse_run_name
+    from replay.fixes import parse_run_name
     import dataclasses
 
     preset, fixes = parse_run_name(name)
@@ -40,9 +40,9 @@ def prepare_model(out: Path, *, size: str, seed: int, sft_steps: int = 14, sft_l
     import torch
     from safetensors.torch import save_file
 
-    from ..models import build_model, load_model
-    from .rl import warm_start
-    from .task import sft_examples
+    from replay.models import build_model, load_model
+    from replay.demo.rl import warm_start
+    from replay.demo.task import sft_examples
 
     model_dir = out / ".model" / f"{size}-seed{seed}-sft{sft_steps}"
     if (model_dir / ".warm").exists():
@@ -91,7 +91,7 @@ def _worker(spec: RunSpec, queue) -> dict:
 
     _quiet()
     torch.set_num_threads(1)
-    from .pipeline import run, save_summary
+    from replay.demo.pipeline import run, save_summary
 
     shutil.rmtree(Path(spec.out_dir) / spec.name, ignore_errors=True)
     result = run(spec, progress=lambda i, n: queue.put((spec.name, i, n)))
@@ -143,7 +143,7 @@ def run_all(specs: list[RunSpec], jobs: int) -> list[dict]:
 def summarize(results: list[dict], reference: list[dict]) -> list[dict]:
     """One row per run: final reward, mean metrics, the share of V1's mismatch gap it closes,
     and the step where it departs from v0 (``replay bisect --by steps`` against v0)."""
-    from ..bisect import bisect_steps
+    from replay.diagnose.bisect import bisect_steps
 
     def mean_abs_r(res):
         return float(np.nanmean([s["mean_abs_log_ratio_new_old"] for s in res["history"]]))
@@ -207,7 +207,7 @@ def main(*, out: str = "recordings/demo", steps: int = 32, seed: int = 0, runs: 
     by_name = {r["name"]: r for r in results}
     reference = [by_name[REFERENCE]] + [by_name[s] for s in seeds]
     rows = summarize([by_name[n] for n in names], reference)
-    from .report import format_table, plot_curves
+    from replay.demo.report import format_table, plot_curves
 
     print(format_table(rows))
     summary = {"out": str(out_p), "rows": rows, "seconds": round(time.time() - t0, 1),

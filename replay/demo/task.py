@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..models import DEFAULT_VOCAB, EOS_ID, SPECIAL_TOKENS
+from replay.models import DEFAULT_VOCAB, EOS_ID, SPECIAL_TOKENS
 
 _VOCAB = list(SPECIAL_TOKENS) + list(DEFAULT_VOCAB)
 _ID = {t: i for i, t in enumerate(_VOCAB)}

@@ -13,7 +13,7 @@ from typing import Any
 
 def diagnose(path: Any, **kwargs: Any) -> dict:
     """See :func:`replay.diagnose.core.diagnose`."""
-    from .core import diagnose as run
+    from replay.diagnose.core import diagnose as run
 
     return run(path, **kwargs)
 

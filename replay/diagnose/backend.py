@@ -27,10 +27,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..fixes import FIX_IDS, EngineConfig, apply_fix
-from .components import _sub
-from .reference import ReferenceSet, RefSeq
-from .stats import Floor, FloorTest, floor_test
+from replay.fixes import FIX_IDS, EngineConfig, apply_fix
+from replay.diagnose.components import _sub
+from replay.diagnose.reference import ReferenceSet, RefSeq
+from replay.diagnose.stats import Floor, FloorTest, floor_test
 
 FIX_LAYER = {"processed_logprobs": "semantic", "v0_runtime_defaults": "inference path",
              "paused_weight_update": "inference path", "fp32_lm_head": "inference path"}
@@ -239,7 +239,7 @@ def worst(m: Measured, by_key: dict, what: str, n: int = 10) -> list[dict]:
 
 
 def _show(steps: Sequence[int]) -> str:
-    from .._steps import _ranges
+    from replay.rerun.plans import _ranges
 
     return _ranges(sorted(steps))
 

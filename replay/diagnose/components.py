@@ -9,7 +9,7 @@ reference under the trainer's identified semantics::
     e_trainer = lp_trainer    - lp_ref*(v_tr)
     r = lp_trainer - lp_rollout = e_trainer + lag + semantics - e_backend
 
-The arithmetic of the ``tokens`` view (:func:`replay._views.tokens_sql`), over the
+The arithmetic of the ``tokens`` view (:func:`replay.read.views.tokens_sql`), over the
 in-memory reference, so a diagnosis does not go back to SQL per step, with two readings
 the view leaves raw: ``-inf - -inf`` (both sides put the token outside the support) is 0,
 and a trainer logprob below :data:`replay.diagnose.reference.OUTSIDE_LP` is ``-inf``.
@@ -22,8 +22,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .reference import RefSeq
-from .stats import Floor, FloorTest, floor_test
+from replay.diagnose.reference import RefSeq
+from replay.diagnose.stats import Floor, FloorTest, floor_test
 
 COMPONENTS = ("backend", "semantics", "lag", "trainer")
 SEMANTICS = ("sampler", "untruncated")

@@ -22,12 +22,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import BadInput, ReplayError
-from . import components as C
-from .backend import FIX_LAYER, BackendSearch
-from .reference import reference_scores
-from .stats import floor_test
-from .trainer import onset as sequential_onset
+from replay.errors import BadInput, ReplayError
+from replay.diagnose import components as C
+from replay.diagnose.backend import FIX_LAYER, BackendSearch
+from replay.diagnose.reference import reference_scores
+from replay.diagnose.stats import floor_test
+from replay.diagnose.trainer import onset as sequential_onset
 
 WINDOW = 3   # steps replayed from the backend's onset (plus the first in-flight update and the step after)
 
@@ -61,7 +61,7 @@ def diagnose(path: str | Path, *, against: str | Path | None = None, steps: Sequ
     ``window`` overrides the steps the backend search replays (default :func:`backend_window`).
     ``dtype`` / ``trainer_dtype`` override the body dtypes the floors stand for.
     """
-    from ..recording import open_recording
+    from replay.read.recording import open_recording
 
     path = Path(path)
     timings: dict[str, float] = {}
@@ -72,7 +72,7 @@ def diagnose(path: str | Path, *, against: str | Path | None = None, steps: Sequ
     tok = C.tokens(ref.seqs, ref.trainer_semantics)
     floor_b, floor_t = C.floors(ref.seqs)
     rows = C.per_step(tok, floor_b, floor_t)
-    from .reference import stored_weights
+    from replay.diagnose.reference import stored_weights
 
     with open_recording(path) as rec:
         weights = stored_weights(rec)
@@ -100,7 +100,7 @@ def diagnose(path: str | Path, *, against: str | Path | None = None, steps: Sequ
     timings["backend"] = time.perf_counter() - t1
     # ---------------------------------------------------------------- trainer
     t2 = time.perf_counter()
-    from .trainer import trainer_verdict
+    from replay.diagnose.trainer import trainer_verdict
 
     out["trainer"] = trainer_verdict(ref, tok, floor_t, rows, stored=stored, progress=progress,
                                      scorer=lambda: reference_scorer(path, model_path=model_path, device=device))
@@ -124,7 +124,7 @@ def diagnose(path: str | Path, *, against: str | Path | None = None, steps: Sequ
         out["layer"] = _layer(path, out["tokens"][0], out["backend"], device=device, model_path=model_path)
         timings["layer"] = time.perf_counter() - t3
     if against is not None:
-        from ..bisect import bisect_steps
+        from replay.diagnose.bisect import bisect_steps
 
         t4 = time.perf_counter()
         res = bisect_steps(path, against)
@@ -142,10 +142,10 @@ def diagnose(path: str | Path, *, against: str | Path | None = None, steps: Sequ
 def reference_scorer(path: Path, *, model_path: Any = None, device: str = "cpu") -> Iterator[Any]:
     """A :class:`~replay.diagnose.scoring.ReferenceScorer` over the recording's stored weights (read
     ahead of use), closed with the recording on exit."""
-    from ..models import recording_model
-    from ..recording import open_recording
-    from .reference import _WeightCache
-    from .scoring import ReferenceScorer
+    from replay.models import recording_model
+    from replay.read.recording import open_recording
+    from replay.diagnose.reference import _WeightCache
+    from replay.diagnose.scoring import ReferenceScorer
 
     with open_recording(path) as rec:
         folder = Path(model_path) if model_path else recording_model(path, rec.run_config())
@@ -188,8 +188,8 @@ def _components(tok: C.Tokens, backend_test, floor_t) -> dict:
 
 def _backend(path: Path, ref, rows, off: bool, test, onset, window, update_steps, ended, floor, *, engine, device,
              python, write, model_path, progress) -> dict:
-    from ..fixes import EngineConfig
-    from ..replayer import Replayer
+    from replay.fixes import EngineConfig
+    from replay.rerun.replayer import Replayer
 
     base: dict[str, Any] = {"off_floor": off, "onset_step": onset, "explained": None, "fixes": [],
                             "already_applied": [], "residual": None, "fidelity": None, "ablation": [],
@@ -228,7 +228,7 @@ def _backend(path: Path, ref, rows, off: bool, test, onset, window, update_steps
 
 
 def _steps(steps: Sequence[int]) -> str:
-    from .._steps import _ranges
+    from replay.rerun.plans import _ranges
 
     return _ranges(sorted(steps)) or "none"
 
@@ -290,7 +290,7 @@ def drill_down(tok: C.Tokens, component: str, n: int = 10) -> list[dict]:
 def _layer(path: Path, token: dict, backend: dict, *, device: str, model_path: Any = None) -> dict | None:
     """Layer bisection of the worst backend token, between the recorded config and it with every
     fix it lacks."""
-    from ..bisect import bisect_layers
+    from replay.diagnose.bisect import bisect_layers
 
     lacking = backend.get("lacking") or []
     if not lacking:

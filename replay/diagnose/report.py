@@ -13,8 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .._format import table
-from .backend import FIX_LAYER as LAYER_OF
+from replay.output import table
+from replay.diagnose.backend import FIX_LAYER as LAYER_OF
 
 FIX_WHAT = {
     "processed_logprobs": "the engine reports logprobs of the raw logits, not of the distribution it samples "
@@ -35,7 +35,7 @@ def _g(x: Any, spec: str = ".3g") -> str:
 
 
 def _steps(steps: list[int]) -> str:
-    from .._steps import _ranges
+    from replay.rerun.plans import _ranges
 
     return _ranges(steps) or "none"
 
@@ -238,7 +238,7 @@ def plots(res: dict, stem: Path) -> list[Path]:
 
 def write_report(res: dict, path: str | Path) -> list[Path]:
     """Write the report to ``path`` (``.md`` or ``.html``) with its PNG plots; returns the files."""
-    from ..errors import BadInput
+    from replay.errors import BadInput
 
     path = Path(path)
     kind = path.suffix.lower()

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from ..errors import BadInput, ReplayError
+from replay.errors import BadInput, ReplayError
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class ReferenceScorer:
         try:
             import torch
 
-            from ..models import check_device, load_model
+            from replay.models import check_device, load_model
         except ImportError as e:
             raise ReplayError(f"reference scoring needs torch and transformers ({e}); install the project "
                               "with its engines extra (pip install -e '.[engines]')", "missing dependency") from e
@@ -214,7 +214,7 @@ class ReferenceScorer:
         order, so each version's weights load once per round."""
         import torch
 
-        from ..trainer import _base_and_head
+        from replay.trainer.scoring import _base_and_head
 
         states = [_Batch(b) for b in batches]
         while True:
@@ -344,7 +344,7 @@ LOGITS: Any = _Logits()
 def _logits(hidden: Any, head: Any, head_dtype: str | None) -> Any:
     import torch
 
-    from ..trainer import _project
+    from replay.trainer.scoring import _project
 
     if hidden.dtype == torch.float64:   # the exact path: a float64 model, float64 logits
         return head(hidden)
@@ -355,7 +355,7 @@ def token_logprobs(hidden: Any, head: Any, tokens: Any, dist: Dist, head_dtype: 
     """Logprob of ``tokens`` under ``dist`` of the logits ``head(hidden)`` (float64 out)."""
     import torch
 
-    from ..engines._ref_sampling import GREEDY_EPS, apply_top_k_top_p
+    from replay.engines._ref_sampling import GREEDY_EPS, apply_top_k_top_p
 
     logits = _logits(hidden, head, head_dtype)
     t = dist.temperature if dist.temperature >= GREEDY_EPS else 1.0

@@ -28,10 +28,10 @@ from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 
-from .components import Tokens, _sub, size
-from .reference import ReferenceSet, RefSeq
-from .scoring import LOGITS, Dist, ReferenceScorer, Seq
-from .stats import Floor, cusum_onset, floor_test
+from replay.diagnose.components import Tokens, _sub, size
+from replay.diagnose.reference import ReferenceSet, RefSeq
+from replay.diagnose.scoring import LOGITS, Dist, ReferenceScorer, Seq
+from replay.diagnose.stats import Floor, cusum_onset, floor_test
 
 HYPOTHESES = ("temperature", "truncation", "position_shift", "stale_version", "loss_mask", "lm_head_dtype")
 PROBE_FLOATS = 1 << 25      # probe tokens x vocabulary kept as logits (128 MiB of float32)
@@ -221,7 +221,7 @@ def _nan_big(x: float) -> float:
 
 
 def _vocab(scorer: ReferenceScorer) -> int:
-    from ..models import load_config
+    from replay.models import load_config
 
     return int(load_config(scorer.model_path).get("vocab_size") or 1)
 

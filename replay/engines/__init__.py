@@ -1,4 +1,4 @@
 """Engines behind one protocol: a reference PyTorch engine and real vLLM."""
-from .base import Engine, GenRequest, GenResult, ScoreRequest, ScoreResult, WeightUpdate
+from replay.engines.base import Engine, GenRequest, GenResult, ScoreRequest, ScoreResult, WeightUpdate
 
 __all__ = ["Engine", "GenRequest", "GenResult", "ScoreRequest", "ScoreResult", "WeightUpdate"]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._ref_model import RequestKV
+from replay.engines._ref_model import RequestKV
 
 _ROOT = b"replay-prefix-root"
 

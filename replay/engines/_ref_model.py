@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..errors import BadInput, EngineError
+from replay.errors import BadInput, EngineError
 
 ROW_BLOCK = 16  # rows of every GEMM are padded to a multiple of this
 

@@ -19,8 +19,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import BadInput, EngineError
-from .base import GenRequest, GenResult
+from replay.errors import BadInput, EngineError
+from replay.engines.base import GenRequest, GenResult
 
 
 def process_logprobs(raw: np.ndarray, temperature: float = 1.0, top_k: int = -1,

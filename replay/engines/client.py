@@ -24,11 +24,11 @@ import time
 from dataclasses import asdict
 from typing import Any, Mapping, Sequence
 
-from .. import errors
-from ..errors import EngineError
-from ..fixes import EngineConfig
-from . import worker as wire
-from .base import GenGroup, GenRequest, GenResult, ScoreRequest, ScoreResult, WeightUpdate, groups_by_calls
+from replay import errors
+from replay.errors import EngineError
+from replay.fixes import EngineConfig
+from replay.engines import worker as wire
+from replay.engines.base import GenGroup, GenRequest, GenResult, ScoreRequest, ScoreResult, WeightUpdate, groups_by_calls
 
 STDERR_TAIL_LINES = 40
 

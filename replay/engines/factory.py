@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import BadInput
-from ..fixes import EngineConfig
+from replay.errors import BadInput
+from replay.fixes import EngineConfig
 
 ENGINES = ("reference", "vllm")
 
@@ -42,13 +42,13 @@ def make_engine(kind: str, model_path: str | Path, config: EngineConfig, *, devi
         raise BadInput(f"unknown engine {kind!r}; engines: {', '.join(ENGINES)}", field="engine")
     extra = replay_settings(kind, settings)
     if python is not None or worker:
-        from .client import EngineClient
+        from replay.engines.client import EngineClient
         return EngineClient(engine=kind, model_path=str(model_path), config=config, python=python,
                             engine_kwargs=extra)
     if kind == "reference":
-        from .reference import ReferenceEngine
+        from replay.engines.reference import ReferenceEngine
         return ReferenceEngine(str(model_path), config, device=device, seed=seed)
-    from .vllm import VLLMEngine
+    from replay.engines.vllm import VLLMEngine
     return VLLMEngine(str(model_path), config, device="auto" if device == "cpu" else device, seed=seed, **extra)
 
 
@@ -62,5 +62,5 @@ def engine_name(kind: str) -> str:
             except PackageNotFoundError:
                 continue
         return "vllm"
-    from .. import __version__
+    from replay import __version__
     return f"reference-{__version__}"

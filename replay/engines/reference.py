@@ -9,7 +9,7 @@ inference engine can make its logprobs mean something other than the trainer's
 raw logits, vLLM V1's default; ``processed_logprobs`` is ``log_softmax`` after
 temperature, top-k and top-p (masked tokens ``-inf``, the rest renormalized over the
 nucleus), what V0 returned and what a trainer computes from tempered logits (pass the
-same ``top_p`` to :func:`replay.trainer.trainer_logprobs` to compare like with like).
+same ``top_p`` to :func:`replay.trainer.scoring.trainer_logprobs` to compare like with like).
 See :mod:`._ref_sampling`. The sampling noise is the engine's own (an exponential race
 on each request's generator), so token choices do not reproduce vLLM's for a seed.
 
@@ -92,9 +92,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..errors import BadInput
-from ..fixes import EngineConfig
-from .base import GenGroup, GenRequest, GenResult, ScoreRequest, ScoreResult, WeightUpdate
+from replay.errors import BadInput
+from replay.fixes import EngineConfig
+from replay.engines.base import GenGroup, GenRequest, GenResult, ScoreRequest, ScoreResult, WeightUpdate
 
 
 @dataclass
@@ -132,9 +132,9 @@ class ReferenceEngine:
     def __init__(self, model_path: str | Path, config: EngineConfig | None = None, device: str = "cpu",
                  seed: int = 0, *, block_size: int = 16, ignore_eos: bool = False,
                  max_cached_blocks: int = 4096, initial_version: int = 0, num_threads: int | None = 1):
-        from ..models import load_config, load_state_dict, torch_dtype
-        from ._ref_cache import PrefixCache
-        from ._ref_model import ArchConfig, ServingView
+        from replay.models import load_config, load_state_dict, torch_dtype
+        from replay.engines._ref_cache import PrefixCache
+        from replay.engines._ref_model import ArchConfig, ServingView
 
         t0 = time.perf_counter()
         self.config = config or EngineConfig()
@@ -169,7 +169,7 @@ class ReferenceEngine:
     def load_weights(self, version: int, state_dict: Mapping[str, Any], *, activate: bool = True) -> None:
         """Keep ``version`` (HF names; names left out are taken from the version serving now)
         and, with ``activate``, serve it from now on. The prefix cache is not reset."""
-        from ._ref_model import split_state_dict
+        from replay.engines._ref_model import split_state_dict
 
         base = self._weights.get(self.version) if self.version is not None else None
         self._weights[int(version)] = split_state_dict(dict(state_dict), self.arch, self._dtype,
@@ -231,7 +231,7 @@ class ReferenceEngine:
             state.view = self._uniform(version)
 
     def _uniform(self, version: int) -> Any:
-        from ._ref_model import ServingView
+        from replay.engines._ref_model import ServingView
 
         if version not in self._weights:
             raise BadInput(f"weight version {version} was never loaded; loaded: {self.versions}",
@@ -286,8 +286,8 @@ class ReferenceEngine:
         """
         import torch
 
-        from ._ref_model import Chunk, RequestKV, forward, project
-        from ._ref_sampling import request_generator
+        from replay.engines._ref_model import Chunk, RequestKV, forward, project
+        from replay.engines._ref_sampling import request_generator
 
         if len(groups) > 1 and self.config.enable_prefix_caching:
             raise BadInput("several groups in one call under prefix caching: a group's prefix hits depend "
@@ -350,7 +350,7 @@ class ReferenceEngine:
         (a GRPO group) take two waves: the first computes, the others hit."""
         import torch
 
-        from ._ref_model import Chunk, forward
+        from replay.engines._ref_model import Chunk, forward
 
         bs = self.cache.block_size
         prompts = [list(run.req.prompt_ids) for run in runs]
@@ -377,7 +377,7 @@ class ReferenceEngine:
 
     def _emit(self, run: _Running, row: Any, version: int) -> None:
         """Sample one token for ``run`` from its logits ``row`` and record it."""
-        from ._ref_sampling import logprobs_of, process_logits, sample, top_logprobs
+        from replay.engines._ref_sampling import logprobs_of, process_logits, sample, top_logprobs
 
         r = run.req
         processed = process_logits(row, r.temperature, r.top_k, r.top_p)
@@ -404,7 +404,7 @@ class ReferenceEngine:
         version serving now: what a layer bisection compares between two configs."""
         import torch
 
-        from ._ref_model import Chunk, RequestKV, forward
+        from replay.engines._ref_model import Chunk, RequestKV, forward
 
         ids = list(token_ids)
         if not ids:
@@ -423,8 +423,8 @@ class ReferenceEngine:
         with the config's logprobs mode (processed: temperature, top-k, top-p applied) and lm_head dtype."""
         import torch
 
-        from ._ref_model import Chunk, RequestKV, forward, project
-        from ._ref_sampling import logprobs_of, process_logits, top_logprobs
+        from replay.engines._ref_model import Chunk, RequestKV, forward, project
+        from replay.engines._ref_sampling import logprobs_of, process_logits, top_logprobs
 
         self._check_requests(requests, "score")
         todo = [r for r in requests if r.output_ids]

@@ -42,12 +42,12 @@ import time
 import weakref
 from typing import Any, Mapping, Sequence
 
-from ..errors import BadInput, EngineError
-from ..fixes import EngineConfig
-from . import _vllm_args as va
-from . import _vllm_forcing as fz
-from . import _vllm_logprobs as vl
-from .base import GenGroup, GenRequest, GenResult, ScoreRequest, ScoreResult, WeightUpdate, groups_by_calls
+from replay.errors import BadInput, EngineError
+from replay.fixes import EngineConfig
+from replay.engines import _vllm_args as va
+from replay.engines import _vllm_forcing as fz
+from replay.engines import _vllm_logprobs as vl
+from replay.engines.base import GenGroup, GenRequest, GenResult, ScoreRequest, ScoreResult, WeightUpdate, groups_by_calls
 
 
 class VLLMEngine:
@@ -176,7 +176,7 @@ class VLLMEngine:
         if version in self._versions:
             return self._versions[version]
         if version == 0:
-            from ..models import load_state_dict
+            from replay.models import load_state_dict
 
             self._versions[0] = load_state_dict(self.model_path)
             return self._versions[0]

@@ -18,8 +18,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..errors import EngineError
-from .vllm import VLLMEngine
+from replay.errors import EngineError
+from replay.engines.vllm import VLLMEngine
 
 
 def _version_tuple(text: str) -> tuple[int, int]:

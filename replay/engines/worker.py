@@ -43,7 +43,7 @@ from typing import Any, BinaryIO
 
 import pyarrow as pa
 
-from .base import GenRequest, GenResult, ScoreRequest, ScoreResult, WeightUpdate
+from replay.engines.base import GenRequest, GenResult, ScoreRequest, ScoreResult, WeightUpdate
 
 PROTOCOL_VERSION = 1
 CALLS = ("ready", "ping", "load_weights", "activate", "reset_prefix_cache", "generate", "score", "hidden_states",
@@ -150,7 +150,7 @@ def error_message(exc: BaseException) -> bytes:
 def make_engine(kind: str, model: str, config: Any, device: str, seed: int, engine_kwargs: dict) -> Any:
     """The engine a worker serves."""
     if kind == "reference":
-        from .reference import ReferenceEngine
+        from replay.engines.reference import ReferenceEngine
 
         if device == "auto":
             import torch
@@ -158,11 +158,11 @@ def make_engine(kind: str, model: str, config: Any, device: str, seed: int, engi
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return ReferenceEngine(model, config, device=device, seed=seed, **engine_kwargs)
     if kind == "vllm":
-        from .vllm import VLLMEngine
+        from replay.engines.vllm import VLLMEngine
 
         return VLLMEngine(model, config, device=device, seed=seed, **engine_kwargs)
     if kind == "vllm-v0":
-        from .vllm_v0 import VLLMV0Engine
+        from replay.engines.vllm_v0 import VLLMV0Engine
 
         return VLLMV0Engine(model, config, device=device, seed=seed, **engine_kwargs)
     raise ValueError(f"unknown engine {kind!r}; known engines: {', '.join(ENGINES)}")
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(2, 1)
     inp = sys.stdin.buffer
     try:
-        from ..fixes import EngineConfig
+        from replay.fixes import EngineConfig
 
         config = EngineConfig.from_dict(json.loads(args.config))
         engine = make_engine(args.engine, args.model, config, args.device, args.seed, json.loads(args.engine_kwargs))

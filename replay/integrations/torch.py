@@ -14,15 +14,15 @@ shift by one is done already, as in a trainer's ``logits[:, :-1]`` against
 ``input_ids[:, 1:]``); ``mask[b, t]`` is true at the sequence's generated (output)
 tokens, in order; ``lengths[b]`` instead says the first ``lengths[b]`` positions
 are the output. From logits, logprobs, entropy and top-k come from
-:func:`replay.capture.capture_logits` (one read of the logits, no fp32 copy).
+:func:`replay.trainer.capture.capture_logits` (one read of the logits, no fp32 copy).
 """
 from __future__ import annotations
 
 import hashlib
 from typing import Any, Mapping, Sequence
 
-from ..capture import DEFAULT_K, CaptureSink, capture_logits
-from ..errors import BadInput
+from replay.trainer.capture import DEFAULT_K, CaptureSink, capture_logits
+from replay.errors import BadInput
 
 STORES = ("full", "delta", "hash")
 FINGERPRINT_PREFIX = "fingerprint:"  # marks a device fingerprint stored where a sha256 would be
@@ -78,7 +78,7 @@ def record_trainer_batch(rec: Any, *, step: int, request_ids: Sequence[str], tok
     """Record one trainer batch: a ``trainer`` row per sequence (logprobs, entropy,
     weight version, advantage) and, from logits, its top-k (``source="trainer"``).
 
-    Give ``logits`` ``[B, T, V]`` (computed through :mod:`replay.capture`) or
+    Give ``logits`` ``[B, T, V]`` (computed through :mod:`replay.trainer.capture`) or
     ``logprobs`` ``[B, T]`` (and optionally ``entropy`` ``[B, T]``). ``weight_version``:
     an int or one per sequence. With ``sink`` the host copies and recording happen on
     its background thread; without, CUDA tensors go to the recorder, which copies them

@@ -36,8 +36,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from ..errors import BadInput
-from ..fixes import EngineConfig
+from replay.errors import BadInput
+from replay.fixes import EngineConfig
 
 # ------------------------------------------------------------------- engine semantics
 
@@ -384,7 +384,7 @@ def load_weights(llm: Any, state_dict: Mapping[str, Any]) -> int:
     """Load HF-named, HF-shaped tensors into a running vLLM ``LLM`` (every worker), through
     the model's ``load_weights`` wrapped in vLLM's layer-wise reload (which the CPU build's
     packed kernels need); returns how many tensors each worker took."""
-    from ..engines._vllm_args import rpc_load_weights
+    from replay.engines._vllm_args import rpc_load_weights
 
     weights = [(k, v.detach() if hasattr(v, "detach") else v) for k, v in state_dict.items()]
     counts = llm.collective_rpc(rpc_load_weights, args=(weights,))
@@ -441,7 +441,7 @@ class RecordedLLM:
         load_weights(self.llm, state_dict)
         host = {k: (v.detach().to("cpu") if isinstance(v, torch.Tensor) else v) for k, v in state_dict.items()}
         if store == "hash":
-            from ..weights import serialize_state_dict
+            from replay.store.weights import serialize_state_dict
 
             self.rec.weights(version=int(version), step=step,
                              sha256=hashlib.sha256(serialize_state_dict(host)).hexdigest())
@@ -471,7 +471,7 @@ def attach(llm: Any, path: Any, *, weight_update: str = "paused", run_config: di
     what :meth:`RecordedLLM.update_weights` does; "concurrent" if generation goes on).
     ``model``: put the engine's checkpoint in the recording (True), another folder (a path),
     or nothing (False). ``recorder_kw`` go to :class:`~replay.Recorder`."""
-    from ..recorder import Recorder
+    from replay.record.recorder import Recorder
 
     info = describe_llm(llm, weight_update=weight_update)
     config = dict(run_config or {})

@@ -1,5 +1,5 @@
 """Shared fixtures for the integration tests: a tiny real checkpoint, weight versions,
-and the trainer's side of every logprob comparison (``replay.trainer`` over a bf16
+and the trainer's side of every logprob comparison (``replay.trainer.scoring`` over a bf16
 transformers model, plus a forward that splits the KV cache between two versions)."""
 from __future__ import annotations
 
@@ -55,12 +55,12 @@ def _logits(model, ids, lm_head_dtype: str, past=None):
 
 
 def trainer_logprobs(model, prompt, output, temperature=1.0, top_p=1.0, lm_head_dtype="bfloat16"):
-    """The trainer's logprob of each output token (:func:`replay.trainer.trainer_logprobs`):
+    """The trainer's logprob of each output token (:func:`replay.trainer.scoring.trainer_logprobs`):
     ``log_softmax(logits / T)``, with ``top_p < 1`` renormalised over the sampler's nucleus
     (the processed-mode comparison)."""
     import numpy as np
 
-    from replay.trainer import trainer_logprobs as score
+    from replay.trainer.scoring import trainer_logprobs as score
 
     res = score(model, [list(prompt)], [list(output)], temperature=temperature, top_p=top_p,
                 lm_head_dtype=lm_head_dtype, return_entropy=False)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from replay import Recorder
-from replay.check import check
-from replay.cli import main
+from replay.read.check import check
+from replay.cli.main import main
 from replay.fixes import resolve
 
 STEPS, PER = 3, 2

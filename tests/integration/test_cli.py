@@ -14,7 +14,7 @@ import pyarrow.ipc as pa_ipc
 import pytest
 
 from replay import Recorder, __version__
-from replay.cli import COMMANDS, build_parser, main
+from replay.cli.main import COMMANDS, build_parser, main
 from replay.schema import segment_path
 
 REPO = Path(__file__).resolve().parents[2]

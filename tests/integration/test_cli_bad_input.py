@@ -70,9 +70,9 @@ def _hashes(root: Path) -> dict[str, str]:
 def test_every_command_refuses_bad_input_in_one_line(rec, tmp_path):
     before = _hashes(rec)
     cases = _cases(rec, tmp_path)
-    # one interpreter for all cases (each runs replay.cli.main in a fresh argv), so the matrix is cheap
+    # one interpreter for all cases (each runs replay.cli.main.main in a fresh argv), so the matrix is cheap
     code = ("import sys, json, io, contextlib\n"
-            "from replay.cli import main\n"
+            "from replay.cli.main import main\n"
             "out = []\n"
             "for argv in json.loads(sys.argv[1]):\n"
             "    err = io.StringIO()\n"

@@ -54,7 +54,7 @@ def model(tmp_path_factory):
 
 
 def _replay(path):
-    from replay.replayer import Replayer
+    from replay.rerun.replayer import Replayer
 
     with Replayer(path) as rp:
         summary = rp.replay(0, write=False).summary()
@@ -65,7 +65,7 @@ def test_each_request_meets_the_update_at_its_own_token_and_replays_exactly(tmp_
     path, results = _run(tmp_path / "run", model)
     assert [r.token_versions.index(1) if 1 in r.token_versions else None for r in results] == [3, 3, 1, 0]
     from replay import open_recording
-    from replay.replayer import plan_step
+    from replay.rerun.replayer import plan_step
 
     with open_recording(path) as rec:
         plan = plan_step(rec, 0)
@@ -87,7 +87,7 @@ def test_an_update_position_counted_from_another_origin_is_moved_and_said(tmp_pa
 def test_a_static_batch_needs_no_arrivals(tmp_path, model):
     """Requests that all start together change version at the update's own step: nothing inferred."""
     from replay import open_recording
-    from replay.replayer import plan_step
+    from replay.rerun.replayer import plan_step
 
     global ARRIVALS
     saved, ARRIVALS = ARRIVALS, [0, 0, 0, 0]
@@ -107,7 +107,7 @@ def test_versions_that_lie_do_not_replay_as_exact(tmp_path, model):
     0 and finished before the update: the replay then computes it otherwise and says it differs,
     rather than passing as exact."""
     from replay import open_recording
-    from replay.replayer import plan_step
+    from replay.rerun.replayer import plan_step
 
     _, results = _run(tmp_path / "probe", model)
     versions = [list(r.token_versions) for r in results]

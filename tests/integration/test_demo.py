@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from replay import open_recording
-from replay.bisect import bisect_steps
+from replay.diagnose.bisect import bisect_steps
 from replay.demo import runner
 from replay.demo.report import envelope
 

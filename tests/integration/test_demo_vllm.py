@@ -54,7 +54,7 @@ def test_demo_on_real_vllm_records_like_the_reference(tmp_path):
     script = f"""
 import json, sys
 from replay.fixes import resolve
-from replay.replayer import Replayer
+from replay.rerun.replayer import Replayer
 with Replayer({str(out / 'v1')!r}, engine="vllm") as rp:
     cfg = resolve("v1", ["v0_runtime_defaults"])
     one = rp.replay_range([0, 1], cfg, batch=1, write=False)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from replay.manifest import writer_alive
+from replay.store.manifest import writer_alive
 from replay.schema import SCHEMAS
 
 

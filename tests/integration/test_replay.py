@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from replay import open_recording
-from replay.bisect import bisect_fixes, bisect_layers, bisect_steps, bisect_steps_replay, bisect_tokens, ddmin
+from replay.diagnose.bisect import bisect_fixes, bisect_layers, bisect_steps, bisect_steps_replay, bisect_tokens, ddmin
 from replay.errors import BadInput, RecordingError
 from replay.fixes import FIX_IDS
-from replay.replayer import Replayer
+from replay.rerun.replayer import Replayer
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_incomplete_step_of_a_killed_writer(runs, tmp_path):
     complete step replays; step 3 is named incomplete."""
     script = textwrap.dedent(f"""
         import os, signal
-        from replay.recorder import Recorder
+        from replay.record.recorder import Recorder
         from replay.demo.runner import run_config
         from replay.demo.pipeline import RunSpec, run
         orig = Recorder.rollout
@@ -273,7 +273,7 @@ def test_a_relative_model_path_resolves_from_the_recordings_folders(runs, tmp_pa
     gives an error naming the folder and the way out."""
     import shutil
 
-    from replay.manifest import update_manifest
+    from replay.store.manifest import update_manifest
     from replay.models import recorded_model
 
     project = tmp_path / "project"

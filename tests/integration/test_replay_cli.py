@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from replay.cli import main as cli_main
+from replay.cli.main import main as cli_main
 from replay.fixes import FIX_IDS
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from replay import open_recording
-from replay.doctor import doctor
-from replay.manifest import read_manifest, writer_alive
-from replay.salvage import read_stream
+from replay.store.doctor import doctor
+from replay.store.manifest import read_manifest, writer_alive
+from replay.store.salvage import read_stream
 
 # A training process: rank `rank` records `steps` steps of 4 rollouts (token counts 1..4)
 # and their trainer scores, flushing after each step, then queues one more rollout it
@@ -301,7 +301,7 @@ def test_doctor_removes_temporary_files_of_interrupted_writes(tmp_path, capsys):
     """``*.tmp`` files (an atomic replace never reached) are reported, kept while a writer is
     alive, and removed by repair once none is; the recording's rows are untouched."""
     from replay import Recorder
-    from replay.cli import main as cli_main
+    from replay.cli.main import main as cli_main
 
     root = tmp_path / "run"
     with Recorder(root, rank=0) as rec:
@@ -331,7 +331,7 @@ def test_doctor_removes_temporary_files_of_interrupted_writes(tmp_path, capsys):
 REPLAY_CHILD = r"""
 import sys, time
 from replay import Recorder
-from replay.replayer import REPLAY_RANK
+from replay.rerun.replayer import REPLAY_RANK
 rec = Recorder(sys.argv[1], rank=REPLAY_RANK, mode="append", flush_interval_s=1000)
 for i in range(3):
     rec.replay(step=0, request_id=f"r0-0-{i}", engine_config="cfg", config="{}", engine="reference",
@@ -346,7 +346,7 @@ def test_a_replay_writer_does_not_change_the_runs_status(tmp_path):
     """A replayer appending replays to a finished run (its own writer rank) leaves the run
     ``complete`` while it writes, and when it is killed: its flushed rows are salvaged and
     read, its rank alone says ``salvaged``."""
-    from replay.replayer import REPLAY_RANK
+    from replay.rerun.replayer import REPLAY_RANK
 
     from replay import Recorder
 

@@ -1,5 +1,5 @@
 """Real vLLM (CPU build) behind the Engine protocol: each fix's knob has the effect the
-design claims, measured against the trainer's logprobs (replay.trainer on the same
+design claims, measured against the trainer's logprobs (replay.trainer.scoring on the same
 bf16 weights, through transformers).
 
 Tolerances: the engine and the trainer run the same bf16 weights through different

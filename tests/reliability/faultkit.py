@@ -190,7 +190,7 @@ def probe(root: str, versions: list[int]) -> dict:
     import duckdb
 
     from replay import open_recording
-    from replay.doctor import doctor
+    from replay.store.doctor import doctor
     from replay.errors import ReplayError
     from replay.schema import TABLES
 
@@ -224,8 +224,8 @@ def probe(root: str, versions: list[int]) -> dict:
 
 def probe_server() -> None:
     """One JSON command per line (``{"root", "versions"}``) -> one JSON reply per line."""
-    import replay.doctor  # noqa: F401
-    import replay.recording  # noqa: F401
+    import replay.store.doctor  # noqa: F401
+    import replay.read.recording  # noqa: F401
 
     out = sys.stdout
     out.write("ready\n")

@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 
 from replay import Recorder, open_recording
-from replay.cli import main as cli_main
+from replay.cli.main import main as cli_main
 from replay.errors import BadInput, ReplayError
-from replay.importers import import_any
+from replay.integrations.importers import import_any
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from replay import Recorder, open_recording
-from replay.doctor import doctor
+from replay.store.doctor import doctor
 from replay.errors import RecordingError
-from replay.salvage import listed_segments
+from replay.store.salvage import listed_segments
 
 STEPS, PER_STEP = 6, 4
 
@@ -72,7 +72,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     import contextlib
     import io
 
-    from replay.cli import main
+    from replay.cli.main import main
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:

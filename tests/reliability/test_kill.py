@@ -22,8 +22,8 @@ import pytest
 
 from faultkit import SCENARIOS, ForkServer, read_progress, request_id, weights_of
 from replay import Recorder, open_recording
-from replay.cli import main as cli_main
-from replay.doctor import doctor
+from replay.cli.main import main as cli_main
+from replay.store.doctor import doctor
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 

@@ -26,8 +26,8 @@ import pyarrow.ipc as ipc
 import pytest
 
 from replay import Recorder, open_recording
-from replay.cli import main as cli_main
-from replay.doctor import doctor
+from replay.cli.main import main as cli_main
+from replay.store.doctor import doctor
 from replay.errors import RecordingError
 from replay.schema import SCHEMA_KEY, SCHEMAS, segment_path
 

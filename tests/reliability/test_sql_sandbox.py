@@ -121,7 +121,7 @@ def test_out_exports_the_result_outside_the_recording(recording, tmp_path, suffi
 
     import pyarrow.parquet as pq
 
-    from replay.cli import main
+    from replay.cli.main import main
 
     before = _hashes(recording)
     out = tmp_path / f"res{suffix}"

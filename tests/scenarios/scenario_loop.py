@@ -134,7 +134,7 @@ def build_llama(out_dir: str | Path, seed: int = 0) -> Path:
 
 def _trainer_rows(model, prompts, outputs, kind: str, rng: np.random.Generator, stale_model=None):
     """What this scenario's trainer records per sequence."""
-    from replay.trainer import trainer_logprobs
+    from replay.trainer.scoring import trainer_logprobs
 
     def score(m, p, o, **kw):
         kw.setdefault("temperature", TEMPERATURE)
@@ -171,7 +171,7 @@ def record(sc: Scenario, model_dir: str | Path, out_dir: str | Path, *, steps: i
     from replay.engines.base import GenRequest, WeightUpdate
     from replay.engines.reference import ReferenceEngine
     from replay.models import load_model
-    from replay.trainer import sequence_logprobs_tensor
+    from replay.trainer.scoring import sequence_logprobs_tensor
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)

@@ -190,7 +190,7 @@ def test_without_trainer_rows_the_backend_is_still_diagnosed(llama, tmp_path):
     path = L.record(sc, llama, tmp_path)
     import shutil
 
-    from replay.manifest import update_manifest
+    from replay.store.manifest import update_manifest
 
     shutil.rmtree(path / "trainer")   # as if the trainer never wrote: no files, no entries
 
@@ -209,7 +209,7 @@ def test_bisect_is_a_view_of_the_diagnosis(recorded):
     """Without a reference run, bisect --by steps finds where the backend leaves the floor; --by
     tokens ranks that component and points at or after the version boundary; --by fixes names the
     fault at that step."""
-    from replay.bisect import bisect_fixes, bisect_steps, bisect_tokens
+    from replay.diagnose.bisect import bisect_fixes, bisect_steps, bisect_tokens
 
     lag = next(sc for sc in SCENARIOS if sc.async_only)
     path = recorded[lag.name]

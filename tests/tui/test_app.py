@@ -388,7 +388,7 @@ async def test_real_replay_from_the_panel_lands_beside_the_recorded_values(demo_
         lp = sql(run, "SELECT logprobs[? + 1] FROM replays WHERE step = ? AND request_id = ? "
                       "AND engine_config = ?", [d.pos, step_no, d.request_id, cfg_id])[0][0]
         assert [(label, e, v) for label, e, v in d.replays] == [("v1+proc", "reference", pytest.approx(lp))]
-        # bisect the fixes at the same step: the ablation table of replay.bisect, in place
+        # bisect the fixes at the same step: the ablation table of replay.diagnose.bisect, in place
         await pilot.press("p")
         await settle(pilot)
         panel = app.screen

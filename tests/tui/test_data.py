@@ -146,13 +146,13 @@ def test_braille_plot_and_token_buckets():
 
 
 def test_replay_package_never_imports_textual_or_tui():
-    code = ("import sys, replay, replay.cli; "
+    code = ("import sys, replay, replay.cli.main; "
             "bad = [m for m in sys.modules if m == 'textual' or m.startswith(('textual.', 'tui'))]; "
             "print(bad); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
     # `replay --help` lists the UI's command through its entry point: tui.cli loads, Textual does not
-    code = ("import sys, contextlib, io\nfrom replay.cli import main\nout = io.StringIO()\n"
+    code = ("import sys, contextlib, io\nfrom replay.cli.main import main\nout = io.StringIO()\n"
             "with contextlib.redirect_stdout(out):\n    try: main(['--help'])\n    except SystemExit: pass\n"
             "print('tui' in out.getvalue() and 'tui.cli' in sys.modules and 'textual' not in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

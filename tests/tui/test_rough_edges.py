@@ -175,7 +175,7 @@ def _add_replays(run, step, rows):
     """Replays of every sequence of ``step``, as the replayer writes them (a rank of derived data):
     ``rows`` = [(config, engine, logprob)], the same logprob at every token."""
     from replay import open_recording
-    from replay.manifest import AUX_RANKS
+    from replay.store.manifest import AUX_RANKS
     with open_recording(run) as rec:
         seqs = rec.sql("SELECT request_id, output_ids FROM rollouts WHERE step = ?", [step]).fetchall()
     with Recorder(run, rank=AUX_RANKS + 7, mode="append", strict=True) as rec:
@@ -335,7 +335,7 @@ async def test_a_copied_recording_replays_with_model(demo_runs, tmp_path, settle
     import shutil
 
     from replay import open_recording
-    from replay.manifest import update_manifest
+    from replay.store.manifest import update_manifest
     out = demo_runs[0]
     with open_recording(out / "v1") as rec:
         model = rec.run_config()["model"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from replay.capture import Capture, CaptureSink, capture_logits, capture_naive, ids_of_keys, order_keys
+from replay.trainer.capture import Capture, CaptureSink, capture_logits, capture_naive, ids_of_keys, order_keys
 from replay.errors import BadInput
 
 CASES = [  # T, V, k, temperature, chunk
@@ -104,7 +104,7 @@ def test_triton_kernel_in_interpreter_equals_naive():
     pytest.importorskip("triton")
     proc = _run_python("""
         import torch
-        from replay.capture import capture_logits, capture_naive
+        from replay.trainer.capture import capture_logits, capture_naive
         g = torch.Generator().manual_seed(0)
         for dtype in (torch.float32, torch.bfloat16):
             for T, V, k, temp in [(3, 200, 5, 1.0), (6, 4100, 20, 0.7), (2, 9000, 20, 1.3), (2, 30, 30, 1.0)]:
@@ -129,7 +129,7 @@ def test_triton_kernel_compiles_for_hopper():
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from replay._capture_triton import _row_stats_kernel, SUB, NSUB, NUM_WARPS
+        from replay.trainer.capture_triton import _row_stats_kernel, SUB, NSUB, NUM_WARPS
         sig = {"logits_ptr": "*bf16", "tok_ptr": "*i64", "lse_ptr": "*fp32", "lp_ptr": "*fp32",
                "ent_ptr": "*fp32", "bmax_ptr": "*fp32", "V": "i32", "stride_row": "i32", "n_blocks": "i32",
                "inv_t": "fp32", "SUB": "constexpr", "NSUB": "constexpr"}

@@ -122,7 +122,7 @@ def test_scorer_equals_transformers_token_by_token(qwen):
     once, in GEMMs of another shape), under the sampler's truncated distribution and untruncated."""
     from replay.diagnose.scoring import Dist, ReferenceScorer, Seq
     from replay.models import load_model
-    from replay.trainer import trainer_logprobs
+    from replay.trainer.scoring import trainer_logprobs
 
     w = _versions(qwen)
     prompts = [[1, 30, 14, 5]] * 3 + [[1, 31, 14, 6, 15]] * 2

@@ -10,9 +10,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "textual", "vllm", "transformers")
-LIGHT_MODULES = ("replay", "replay.recorder", "replay.recording", "replay.schema", "replay.weights",
-                 "replay.metrics", "replay.fixes", "replay.cli", "replay.doctor", "replay.salvage",
-                 "replay._views", "replay._format", "replay.manifest", "replay.errors")
+LIGHT_MODULES = ("replay", "replay.record.recorder", "replay.read.recording", "replay.schema", "replay.store.weights",
+                 "replay.metrics", "replay.fixes", "replay.cli.main", "replay.store.doctor", "replay.store.salvage",
+                 "replay.read.views", "replay.output", "replay.store.manifest", "replay.errors")
 IMPORT_RE = re.compile(r"^\s*(?:from|import)\s+(textual|tui)\b"
                        r"|(?:import_module|__import__|find_spec)\(\s*[\"'](?:textual|tui)\b", re.M)
 
@@ -27,7 +27,7 @@ def test_import_leaves_heavy_packages_unloaded(module):
 
 
 def test_cli_help_loads_no_heavy_package():
-    code = ("import sys, contextlib, io\nfrom replay.cli import main\n"
+    code = ("import sys, contextlib, io\nfrom replay.cli.main import main\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
             "    try: main(['--help'])\n    except SystemExit: pass\n"
             f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")

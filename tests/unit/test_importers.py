@@ -12,7 +12,7 @@ import torch
 
 from replay import open_recording
 from replay.errors import BadInput
-from replay.importers import ColumnMap, import_slime, import_table
+from replay.integrations.importers import ColumnMap, import_slime, import_table
 
 RNG = np.random.default_rng(7)
 
@@ -347,7 +347,7 @@ def test_cli_import_jsonl_with_column_flags(tmp_path):
     rows = _table_rows(4)
     src = tmp_path / "rows.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in rows))
-    from replay.importers_cli import add_parser
+    from replay.cli.importers import add_parser
     import argparse
 
     parser = argparse.ArgumentParser()

@@ -266,7 +266,7 @@ def test_a_replays_recorded_metrics_do_not_depend_on_the_replayed_support():
     """Tokens a replayed config could not have sampled (-inf there) are counted, left out of the
     replayed metrics only: the recorded metrics are the same whatever config is replayed."""
     from replay.fixes import resolve
-    from replay.replayer import ReplayResult
+    from replay.rerun.replayer import ReplayResult
 
     rec, tr = [-0.5, -1.0, -0.2, -0.7], [-0.4, -1.1, -0.2, -0.9]
 

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pytest
 
 from replay import Recorder, open_recording
-from replay._segments import IPC_OPTIONS, stream_to_file
-from replay._writer import BoundedQueue
+from replay.store.segments import IPC_OPTIONS, stream_to_file
+from replay.record.writer import BoundedQueue
 from replay.errors import RecordingError, ReplayError
 from replay.schema import SCHEMAS
 
@@ -398,7 +398,7 @@ def test_weights_store_full_delta_and_hash_only(tmp_path):
     assert rows[1]["base_version"] == 1 and e2["base_sha256"] == e1["sha256"]
     assert rows[0]["nbytes"] == e1["nbytes"] and (root / rows[1]["blob"]).exists()
     assert rows[2]["blob"] is None and rows[2]["path"] == "s3://ckpt/3"
-    from replay.weights import WeightStore, sha256_of
+    from replay.store.weights import WeightStore, sha256_of
 
     assert sha256_of(sd2) == rows[1]["sha256"]
     back = WeightStore(root).load(rows[1]["blob"], rows[1]["sha256"], framework="torch")
@@ -471,7 +471,7 @@ def test_lenient_never_raises_on_a_failing_copy(tmp_path):
 
 
 def test_a_dead_writer_thread_never_blocks_the_caller(tmp_path, monkeypatch):
-    from replay import _writer
+    from replay.record import writer as _writer
 
     def broken(self, *a, **k):
         raise RuntimeError("a bug in the writer")

@@ -11,7 +11,7 @@ import pytest
 
 from replay import Recorder, open_recording
 from replay.errors import BadInput, RecordingError, ReplayError
-from replay.salvage import read_stream
+from replay.store.salvage import read_stream
 from replay.schema import SCHEMAS, segment_path
 
 
@@ -164,7 +164,7 @@ def test_read_stream_keeps_complete_batches_and_counts_the_torn_tail(tmp_path):
 
 def _open_or_clear_error(root):
     """Open, run every view, and read info; the only error allowed is a RecordingError."""
-    from replay.doctor import doctor
+    from replay.store.doctor import doctor
     try:
         with open_recording(root) as rec:
             for view in ("tokens", "sequences", "step_metrics", "events", "weights"):
@@ -229,8 +229,8 @@ def test_open_recording_refuses_what_is_not_a_path(bad):
 def test_a_stream_closed_and_listed_between_the_listing_and_the_manifest_read(small):
     """A live writer closes a segment while a reader opens: the reader listed only the stream,
     then read a manifest that lists the closed file. Not damage: the closed file is read."""
-    from replay.salvage import LocalFiles, Part, listed_and_intact, manifest_or_error, scan_parts, select_parts
-    from replay._views import scan_table
+    from replay.store.salvage import LocalFiles, Part, listed_and_intact, manifest_or_error, scan_parts, select_parts
+    from replay.read.views import scan_table
     parts = scan_parts(small)
     seg = parts["trainer"][0].file
     as_listed = {t: ([Part(t, p.rank, p.part, None, p.file.with_suffix(".arrows")) for p in ps]

@@ -16,7 +16,7 @@ from replay.engines.reference import ReferenceEngine  # noqa: E402
 from replay.errors import BadInput  # noqa: E402
 from replay.fixes import EngineConfig, resolve  # noqa: E402
 from replay.models import build_model, load_model, load_state_dict  # noqa: E402
-from replay.trainer import trainer_logprobs  # noqa: E402
+from replay.trainer.scoring import trainer_logprobs  # noqa: E402
 
 T, TOP_P = 0.7, 0.9
 PROCESSED = resolve("v1", ["processed_logprobs"])

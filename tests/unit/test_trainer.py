@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 
 from replay.errors import BadInput  # noqa: E402
 from replay.models import build_model, load_model  # noqa: E402
-from replay.trainer import sequence_logprobs_tensor, trainer_logprobs  # noqa: E402
+from replay.trainer.scoring import sequence_logprobs_tensor, trainer_logprobs  # noqa: E402
 
 PROMPTS = [[1, 26, 14, 7, 5, 15, 8], [1, 27, 14, 9], [1, 28, 14, 4, 5, 6, 7, 8, 9, 10]]
 OUTPUTS = [[20, 4, 33, 17, 2], [11, 11, 12], [30, 31, 32, 5, 6, 7, 8, 40, 41]]

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from replay import BadInput, Recorder
-from replay.validate import LOGPROB_MAX, Problem, StepTracker, check_arrays, check_scalars, row_json
+from replay.record.validate import LOGPROB_MAX, Problem, StepTracker, check_arrays, check_scalars, row_json
 
 torch = pytest.importorskip("torch")
 
@@ -91,7 +91,7 @@ def test_strict_raises_bad_input_naming_field_step_request(tmp_path, method, kwa
 
 def test_lenient_sends_every_bad_row_to_rejects_and_keeps_good_rows(tmp_path, caplog):
     root = tmp_path / "r"
-    with caplog.at_level(logging.WARNING, logger="replay.recorder"):
+    with caplog.at_level(logging.WARNING, logger="replay.record.recorder"):
         with Recorder(root) as rec:
             for i, (method, kwargs, _) in enumerate(BAD):
                 rec.rollout(**good(request_id=f"ok{i}"))

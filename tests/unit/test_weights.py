@@ -15,7 +15,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from replay.errors import BadInput, RecordingError
-from replay.weights import (BLOBS_DIR, WeightStore, deserialize_state_dict,
+from replay.store.weights import (BLOBS_DIR, WeightStore, deserialize_state_dict,
                             serialize_state_dict, sha256_of)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,7 +135,7 @@ def test_malformed_safetensors_is_a_recording_error(data):
 
 def test_importing_and_numpy_use_do_not_import_torch():
     code = ("import sys, numpy as np\n"
-            "import replay.weights as w, replay.metrics as m\n"
+            "import replay.store.weights as w, replay.metrics as m\n"
             "w.sha256_of({'a': np.ones(3, np.float32)})\n"
             "m.token_metrics([0.0, -1.0], [0.0, -1.1])\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")

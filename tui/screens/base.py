@@ -12,7 +12,7 @@ from textual.screen import Screen
 from textual.worker import Worker, WorkerState
 
 LIVE_GROUP = "live"    # the polling of a live recording
-ONSET_GROUP = "onset"  # replay.bisect refining the onset
+ONSET_GROUP = "onset"  # replay.diagnose.bisect refining the onset
 BACKGROUND = {LIVE_GROUP, ONSET_GROUP}  # worker groups escape leaves running
 
 

@@ -18,11 +18,11 @@ from textual.worker import Worker, WorkerState, get_current_worker
 from replay.diagnose.report import unneeded_lines
 from replay.fixes import FIX_DOC, FIX_IDS
 
-from .. import data, engine_adapter
-from ..messages import BisectDone, Progress, ReplayDone, Unavailable
-from ..widgets.cells import cell
-from ..widgets.toggles import MarkedCheckbox, MarkedRadioButton
-from .base import BaseScreen
+from tui import data, engine_adapter
+from tui.messages import BisectDone, Progress, ReplayDone, Unavailable
+from tui.widgets.cells import cell
+from tui.widgets.toggles import MarkedCheckbox, MarkedRadioButton
+from tui.screens.base import BaseScreen
 
 PRESETS = ("v1", "v0")
 ENGINES = ("reference", "vllm")

@@ -8,9 +8,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Footer, Header, Static
 
-from .. import catalog
-from ..messages import RunsFound
-from .base import BaseScreen
+from tui import catalog
+from tui.messages import RunsFound
+from tui.screens.base import BaseScreen
 
 COLUMNS = ("", "recording", "status", "steps", "rollouts", "tokens", "size")
 

@@ -11,10 +11,10 @@ from textual.widgets import DataTable, Footer, Header, OptionList, Static, TextA
 
 from replay.errors import ReplayError
 
-from .. import data
-from ..messages import QueryDone
-from ..widgets.cells import cell
-from .base import BaseScreen
+from tui import data
+from tui.messages import QueryDone
+from tui.widgets.cells import cell
+from tui.screens.base import BaseScreen
 
 MAX_ROWS = 1000  # rows fetched into the result table
 DEFAULT_QUERY = "SELECT step, clip_rate, mean_abs_log_ratio, kl_new_old, reward\nFROM run.step_metrics ORDER BY step"

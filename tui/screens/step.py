@@ -9,12 +9,12 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Header, Static
 
-from .. import data
-from ..messages import SequencesLoaded, TokenDetailLoaded, TokensLoaded
-from ..widgets.cells import cell, sort_key
-from ..widgets.plot import fmt_value
-from ..widgets.tokens import TokenLegend, TokenView
-from .base import BaseScreen
+from tui import data
+from tui.messages import SequencesLoaded, TokenDetailLoaded, TokensLoaded
+from tui.widgets.cells import cell, sort_key
+from tui.widgets.plot import fmt_value
+from tui.widgets.tokens import TokenLegend, TokenView
+from tui.screens.base import BaseScreen
 
 
 def detail_table(d: data.TokenDetail) -> Table:
@@ -232,7 +232,7 @@ class StepScreen(BaseScreen):
                 self.load_sequences()
 
     def action_replay(self) -> None:
-        from .replay_panel import ReplayScreen
+        from tui.screens.replay_panel import ReplayScreen
         self.app.push_screen(ReplayScreen(self.step, on_done=self.refresh_detail))
 
     def refresh_detail(self) -> None:

@@ -8,10 +8,10 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.widgets import Footer, Header, Static
 
-from .. import data
-from ..messages import ComponentsLoaded, DiagnosisDone, DiagnosisProgress, OnsetFound, TimelineLoaded
-from ..widgets.plot import MetricPlot
-from .base import LIVE_GROUP, ONSET_GROUP, BaseScreen
+from tui import data
+from tui.messages import ComponentsLoaded, DiagnosisDone, DiagnosisProgress, OnsetFound, TimelineLoaded
+from tui.widgets.plot import MetricPlot
+from tui.screens.base import LIVE_GROUP, ONSET_GROUP, BaseScreen
 
 DIAGNOSE_HINT = "diagnosis: none yet (d: backend, trainer, lag; which fixes)"
 
@@ -32,8 +32,8 @@ class TimelineScreen(BaseScreen):
         super().__init__()
         self.timeline: data.Timeline | None = None
         self.index = 0            # position of the cursor in the run's steps
-        self.bisected = None      # the onset replay.bisect found (it wins over the rule's)
-        self._onset_stale = False # steps arrived since replay.bisect last looked
+        self.bisected = None      # the onset replay.diagnose.bisect found (it wins over the rule's)
+        self._onset_stale = False # steps arrived since replay.diagnose.bisect last looked
         self._live_timer = None
         self.diagnosis: dict | None = None   # replay.diagnose's result, once run
 
@@ -163,7 +163,7 @@ class TimelineScreen(BaseScreen):
             tl.onset = self.bisected
         old_steps = self.timeline.steps if self.timeline else []
         if tl.ref is not None and tl.steps != old_steps:
-            self._onset_stale = True      # new steps: ask replay.bisect again (one at a time)
+            self._onset_stale = True      # new steps: ask replay.diagnose.bisect again (one at a time)
         if self._onset_stale and not any(w.group == ONSET_GROUP and w.node is self and w.is_running
                                          for w in self.app.workers):
             self._onset_stale = False
@@ -249,10 +249,10 @@ class TimelineScreen(BaseScreen):
 
     def action_open_step(self) -> None:
         if self.step is not None:
-            from .step import StepScreen
+            from tui.screens.step import StepScreen
             self.app.push_screen(StepScreen(self.step, self.timeline.steps))
 
     def action_replay(self) -> None:
         if self.step is not None:
-            from .replay_panel import ReplayScreen
+            from tui.screens.replay_panel import ReplayScreen
             self.app.push_screen(ReplayScreen(self.step))

@@ -6,7 +6,7 @@ import math
 
 from rich.text import Text
 
-from .plot import fmt_value
+from tui.widgets.plot import fmt_value
 
 
 @functools.total_ordering

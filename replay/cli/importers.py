@@ -1,4 +1,4 @@
-"""``replay import KIND SRC DEST``: the command line of :mod:`replay.importers`.
+"""``replay import KIND SRC DEST``: the command line of :mod:`replay.integrations.importers`.
 
 Prints one summary line (or JSON with ``--format json``); exit 0 on success. Errors
 (a bad file, row or field) are :class:`~replay.errors.BadInput` and print as one line.
@@ -10,7 +10,7 @@ import sys
 import json
 from typing import Any
 
-from .importers import KINDS, ColumnMap, column_fields, import_any
+from replay.integrations.importers import KINDS, ColumnMap, column_fields, import_any
 
 _COLUMN_HELP = {
     "step": "step (int)", "request_id": "sequence id (default: row number)", "group_id": "group id",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .._cliargs import POSITIVE_INT
+from replay.cli.args import POSITIVE_INT
 
 
 def add_parser(subparsers) -> None:
@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .runner import main
+    from replay.demo.runner import main
 
     main(out=args.out, steps=args.steps, seed=args.seed, runs=args.runs, engine=args.engine,
          device=args.device, jobs=args.jobs, size=args.size, dtype=args.dtype, objective=args.objective,

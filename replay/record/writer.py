@@ -1,6 +1,6 @@
-"""The recorder's writer thread (its segment files: :mod:`._segments`).
+"""The recorder's writer thread (its segment files: :mod:`replay.store.segments`).
 
-Callers put :class:`~replay._convert.Item` s on a bounded queue (a full queue blocks
+Callers put :class:`~replay.record.convert.Item` s on a bounded queue (a full queue blocks
 the caller: back-pressure). One thread drains it, gathers rows per table, and writes
 a table's batch when it holds ``batch_rows`` rows or ``batch_tokens`` tokens, when
 its oldest row is ``flush_interval_s`` old, on :meth:`Writer.flush` and on close.
@@ -32,12 +32,12 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from . import _convert as cv
-from ._segments import Segment, next_part, remove_stream, stream_to_file
-from .schema import SCHEMAS, segment_path
-from .validate import LIST_COLUMNS, StepTracker, row_json, scalar
+from replay.record import convert as cv
+from replay.store.segments import Segment, next_part, remove_stream, stream_to_file
+from replay.schema import SCHEMAS, segment_path
+from replay.record.validate import LIST_COLUMNS, StepTracker, row_json, scalar
 
-log = logging.getLogger("replay.recorder")
+log = logging.getLogger("replay.record.recorder")
 
 
 @dataclass

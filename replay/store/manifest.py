@@ -18,8 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import RecordingError
-from .schema import MANIFEST, MANIFEST_LOCK, RANK_DIR_RE, SCHEMA_VERSION, rank_lock_path
+from replay.errors import RecordingError
+from replay.schema import MANIFEST, MANIFEST_LOCK, RANK_DIR_RE, SCHEMA_VERSION, rank_lock_path
 
 
 def now_iso() -> str:

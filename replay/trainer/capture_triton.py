@@ -1,4 +1,4 @@
-"""The Triton path of :func:`replay.capture.capture_logits` (imported only when used).
+"""The Triton path of :func:`replay.trainer.capture.capture_logits` (imported only when used).
 
 One program per row streams the row's logits once, in tiles of ``NSUB × SUB``
 values (``SUB = 128``-wide blocks), and keeps an online softmax: the running max
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .capture import Capture, ids_of_keys, order_keys
+from replay.trainer.capture import Capture, ids_of_keys, order_keys
 
 SUB = 128     # width of a block whose maximum is kept for the top-k selection
 NSUB = 32     # blocks per tile: a program reads NSUB * SUB logits per iteration

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import BadInput
+from replay.errors import BadInput
 
 HEAD_DTYPES = ("float32", "bfloat16", None)
 
@@ -130,7 +130,7 @@ def sequence_logprobs_tensor(model: Any, prompt_ids_list: Sequence[Sequence[int]
     picked = torch.gather(hidden, 1, rows.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
     logits = _project(picked, head, lm_head_dtype) / temperature
     if top_k > 0 or top_p < 1.0:
-        from .engines._ref_sampling import apply_top_k_top_p
+        from replay.engines._ref_sampling import apply_top_k_top_p
 
         logits = apply_top_k_top_p(logits, top_k, top_p)
     logp_all = torch.log_softmax(logits, dim=-1)

@@ -27,9 +27,9 @@ import pyarrow.dataset as ds
 import pyarrow.fs as fs
 import pyarrow.ipc as ipc
 
-from .errors import RecordingError
-from .salvage import Part, StreamContents, file_schema, one_line, read_stream
-from .schema import SCHEMAS
+from replay.errors import RecordingError
+from replay.store.salvage import Part, StreamContents, file_schema, one_line, read_stream
+from replay.schema import SCHEMAS
 
 DERIVED = ("tokens", "sequences", "step_metrics")
 
@@ -192,7 +192,7 @@ def scan_table(table: str, parts: list[Part], cache: StreamCache | None = None,
     listing (its writer closed it); without it, such a file is read.
     """
     if filesystem is not None:
-        from ._fs import file_schema_fs, read_stream_fs
+        from replay.store.fs import file_schema_fs, read_stream_fs
         schema_of = functools.partial(file_schema_fs, filesystem)
         read = functools.partial(read_stream_fs, filesystem)
     else:
@@ -359,7 +359,7 @@ def step_metrics_view_sql(s: str) -> str | None:
     :func:`replay.metrics.step_metrics_lists_sql`).
     """
     try:
-        from .metrics import step_metrics_lists_sql
+        from replay.metrics import step_metrics_lists_sql
     except ImportError:
         return None
     return step_metrics_lists_sql(rollouts=f"{s}.rollouts", trainer=f"{s}.trainer")

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from .schema import SEGMENT_RE, rank_dir
+from replay.schema import SEGMENT_RE, rank_dir
 
-log = logging.getLogger("replay.recorder")
+log = logging.getLogger("replay.record.recorder")
 IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd", use_threads=False)
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._cliargs import NONNEG, NONNEG_INT, POSITIVE
-from .fixes import FIX_IDS
+from replay.cli.args import NONNEG, NONNEG_INT, POSITIVE
+from replay.fixes import FIX_IDS
 
 
 def add_parser(subparsers) -> None:
@@ -57,9 +57,9 @@ def _progress(args):
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import bisect as b
-    from ._format import to_json
-    from .errors import BadInput
+    from replay.diagnose import bisect as b
+    from replay.output import to_json
+    from replay.errors import BadInput
 
     if args.by == "steps":
         if args.replay:
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def render(by: str, res: dict) -> str:
-    from ._format import table
+    from replay.output import table
 
     if by == "steps":
         head = (f"onset: step {res['step']}" if res["step"] is not None else "onset: none (no departure found)")
@@ -114,7 +114,7 @@ def render(by: str, res: dict) -> str:
         head = (f"step {res['step']}: {found}\nalready applied: {', '.join(res['already_applied']) or 'none'}; "
                 f"searched: {', '.join(lack) or 'none'}   ({res['replays']} replays)")
         if res.get("explained"):
-            from .diagnose.report import unneeded_lines
+            from replay.diagnose.report import unneeded_lines
 
             head += "".join("\n" + line for line in unneeded_lines(res, res.get("floor", {}).get("dtype")))
         cols = ["label", "mean_abs_residual", "exceed", "n_tokens", "direction", "at_floor"]

@@ -34,13 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .diagnose.backend import ddmin  # noqa: F401 - part of this module's API
-from .diagnose.stats import cusum_onset
-from .errors import BadInput
+from replay.diagnose.backend import ddmin  # noqa: F401 - part of this module's API
+from replay.diagnose.stats import cusum_onset
+from replay.errors import BadInput
 
 
 def _step_stats(rec, schema: str, eps: float) -> dict[int, dict]:
-    from .recording import quote_ident
+    from replay.read.recording import quote_ident
 
     lo, hi = math.log(1 - eps), math.log(1 + eps)
     rows = rec.sql(f"""
@@ -75,7 +75,7 @@ def bisect_steps(run: str | Path, against: str | Path | None = None, *, threshol
 
     Returns ``{"step": onset or None, "method": ..., "evidence": [per-step rows], ...}``.
     """
-    from .recording import open_recording
+    from replay.read.recording import open_recording
 
     if against is None and threshold is None:
         return bisect_steps_components(run)
@@ -111,9 +111,9 @@ def bisect_steps(run: str | Path, against: str | Path | None = None, *, threshol
 def bisect_steps_components(run: str | Path, **kw) -> dict:
     """The first step where the backend or the trainer error leaves the floor (no reference run
     needed): ``{"step", "method": "components", "component", "evidence": [per-step rows]}``."""
-    from .diagnose import components as C
-    from .diagnose.reference import reference_scores
-    from .diagnose.trainer import onset
+    from replay.diagnose import components as C
+    from replay.diagnose.reference import reference_scores
+    from replay.diagnose.trainer import onset
 
     ref = reference_scores(run, **kw)
     tok = C.tokens(ref.seqs, ref.trainer_semantics)
@@ -136,10 +136,10 @@ def bisect_fixes(path: str | Path, step: int, *, engine: str = "reference", devi
     engine to the exact reference (at the floor), with the ablation table; the backend search of
     :mod:`replay.diagnose.backend` on one step. ``fixes`` is empty and ``explained`` false when
     even every lacking fix leaves a residual above the floor."""
-    from .diagnose.backend import BackendSearch
-    from .diagnose.components import floors
-    from .diagnose.reference import reference_scores
-    from .replayer import Replayer
+    from replay.diagnose.backend import BackendSearch
+    from replay.diagnose.components import floors
+    from replay.diagnose.reference import reference_scores
+    from replay.rerun.replayer import Replayer
 
     ref = reference_scores(path, [step], write=write, device=device, model_path=model_path, progress=progress)
     floor, _ = floors(ref.seqs)
@@ -167,9 +167,9 @@ def bisect_tokens(path: str | Path, step: int, *, tol: float | None = None, requ
         raise BadInput(f"component must be auto, backend, trainer or r, not {component!r}", field="component")
     if component == "r":
         return _tokens_by_r(path, step, tol=0.5 if tol is None else tol, request_id=request_id)
-    from .diagnose import components as C
-    from .diagnose.reference import reference_scores
-    from .diagnose.stats import floor_test
+    from replay.diagnose import components as C
+    from replay.diagnose.reference import reference_scores
+    from replay.diagnose.stats import floor_test
 
     ref = reference_scores(path, [step])
     seqs = [s for s in ref.seqs if request_id is None or s.request_id == request_id]
@@ -213,7 +213,7 @@ def _token_summary(step: int, component: str, tol: float, seqs: list[dict]) -> d
 
 
 def _tokens_by_r(path: str | Path, step: int, *, tol: float, request_id: str | None) -> dict:
-    from .recording import open_recording
+    from replay.read.recording import open_recording
 
     with open_recording(path) as rec:
         q = """
@@ -256,10 +256,10 @@ def bisect_layers(path: str | Path, step: int, request_id: str, pos: int, *, pre
     worker process per config."""
     import dataclasses
 
-    from .engines.base import ScoreRequest
-    from .engines.factory import make_engine
-    from .fixes import apply_fix, resolve
-    from .replayer import Replayer, plan_step
+    from replay.engines.base import ScoreRequest
+    from replay.engines.factory import make_engine
+    from replay.fixes import apply_fix, resolve
+    from replay.rerun.replayer import Replayer, plan_step
 
     with Replayer(path, engine="reference", device=device, model_path=model_path) as rp:
         recorded = rp.recorded_config()
@@ -308,7 +308,7 @@ def _trainer_side(rp, version: int, ids: list[int], req, pos: int):
     embeddings and after each decoder layer (forward hooks), and the token's logprob."""
     import torch
 
-    from .models import load_model
+    from replay.models import load_model
 
     model = load_model(rp.model_path, dtype="float32")
     model.load_state_dict({k: v.float() for k, v in rp._state(version).items()}, strict=False)
@@ -343,8 +343,8 @@ def bisect_steps_replay(path: str | Path, *, preset: str = "v0", fixes: tuple[st
     """
     import dataclasses
 
-    from .fixes import resolve
-    from .replayer import Replayer
+    from replay.fixes import resolve
+    from replay.rerun.replayer import Replayer
 
     with Replayer(path, engine=engine, device=device, python=python) as rp:
         cfg = dataclasses.replace(resolve(preset, fixes), dtype=rp.recorded_config().dtype)

@@ -34,14 +34,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ._views import base_schema, check_types, scan_table
-from .errors import RecordingError, ReplayError
-from .manifest import now_iso, overall_status, read_manifest, update_manifest, write_atomic, writer_alive
-from .salvage import (Part, check_file, dead_ranks, listed_segments, manifest_or_error, one_line,
+from replay.read.views import base_schema, check_types, scan_table
+from replay.errors import RecordingError, ReplayError
+from replay.store.manifest import now_iso, overall_status, read_manifest, update_manifest, write_atomic, writer_alive
+from replay.store.salvage import (Part, check_file, dead_ranks, listed_segments, manifest_or_error, one_line,
                       outside, part_path, run_header, rank_entries, read_stream, salvage, scan_parts, segment_entry,
                       sha256_file)
-from .schema import MANIFEST, RUN_FILE, SCHEMA_VERSION
-from .weights import WeightStore
+from replay.schema import MANIFEST, RUN_FILE, SCHEMA_VERSION
+from replay.store.weights import WeightStore
 
 
 class _Report:
@@ -446,7 +446,7 @@ def _check_weights(root: Path, rep: _Report) -> None:
 def _check_model(root: Path, rep: _Report) -> None:
     """The model the recording carries (``Recorder.model``): every file against its sha256.
     Nothing to repair: a replay then needs ``--model``."""
-    from .stored_model import stored_model
+    from replay.store.model import stored_model
 
     try:
         stored_model(root)

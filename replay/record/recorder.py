@@ -17,7 +17,7 @@ Each call copies what the caller may reuse and queues it: a list of numbers beco
 a numpy array, a numpy array is copied, a CPU tensor goes to numpy, a CUDA tensor is
 copied asynchronously to pinned memory (the writer waits on a CUDA event; the caller
 never synchronises the device). A background thread batches rows per table and
-writes Arrow segments (see :mod:`replay._writer`), at the latest ``flush_interval_s``
+writes Arrow segments (see :mod:`replay.record.writer`), at the latest ``flush_interval_s``
 after a call. Back-pressure: when the queue holds ``max_queue_rows`` calls or
 ``max_queue_bytes`` bytes, a call blocks until the writer catches up, so memory stays
 bounded. All methods are safe to call from several threads. ``weights()`` is
@@ -55,15 +55,15 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable
 
-from . import _convert as cv
-from ._writer import Writer, WriterConfig, reject_item
-from .errors import BadInput, RecordingError, ReplayError
-from .manifest import hold_rank_lock, host_id, new_manifest, now_iso, update_manifest, write_atomic
-from .salvage import run_header
-from .schema import RUN_FILE
-from .validate import Problem, StepTracker, _plain, check_row
+from replay.record import convert as cv
+from replay.record.writer import Writer, WriterConfig, reject_item
+from replay.errors import BadInput, RecordingError, ReplayError
+from replay.store.manifest import hold_rank_lock, host_id, new_manifest, now_iso, update_manifest, write_atomic
+from replay.store.salvage import run_header
+from replay.schema import RUN_FILE
+from replay.record.validate import Problem, StepTracker, _plain, check_row
 
-log = logging.getLogger("replay.recorder")
+log = logging.getLogger("replay.record.recorder")
 RecorderConfig = WriterConfig  # batching, queue bounds and segment size of a Recorder
 MODES = ("new", "append")
 
@@ -129,7 +129,7 @@ def _last_event_seq(root: Path, rank: int) -> int:
     """The largest ``seq`` in the event segments of ``rank`` (-1 if none): where a crashed rank stopped."""
     import pyarrow as pa
 
-    from .schema import rank_dir
+    from replay.schema import rank_dir
 
     best = -1
     d = rank_dir(root, "events", rank)
@@ -449,8 +449,8 @@ class Recorder:
         checkpoint's own weights), else the checkpoint's weights. ``store_weights=False``
         names the checkpoint's weight files where they are instead (a replay then needs that
         path, or ``--model``). One model per recording; call it from one rank. Returns the
-        model list (:mod:`replay.stored_model`), or None for a failure in lenient mode."""
-        from .stored_model import check_no_model, checkpoint_state_dict, write_model
+        model list (:mod:`replay.store.model`), or None for a failure in lenient mode."""
+        from replay.store.model import check_no_model, checkpoint_state_dict, write_model
 
         self._check_open()
         info = None
@@ -468,7 +468,7 @@ class Recorder:
                                 e.field or "model", e.msg)
 
     def _put_weights(self, state_dict: Any, delta: bool) -> dict:
-        from .weights import WeightStore
+        from replay.store.weights import WeightStore
 
         with self._lock:
             if self._store is None:

@@ -24,9 +24,9 @@ from pathlib import Path, PurePosixPath
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from .errors import RecordingError
-from .manifest import now_iso, rank_number, read_manifest, update_manifest, writer_alive
-from .schema import RUN_FILE, FILE_SUFFIX, RANK_DIR_RE, SEGMENT_RE, STREAM_SUFFIX, TABLES
+from replay.errors import RecordingError
+from replay.store.manifest import now_iso, rank_number, read_manifest, update_manifest, writer_alive
+from replay.schema import RUN_FILE, FILE_SUFFIX, RANK_DIR_RE, SEGMENT_RE, STREAM_SUFFIX, TABLES
 
 _IPC_OPTIONS = ipc.IpcWriteOptions(compression="zstd")
 

@@ -20,7 +20,7 @@ Three parts:
   cannot be converted fails only its own row.
 * ``build_rows`` / ``build_topk`` / ``build_simple`` turn a batch of queued calls
   into one Arrow record batch of a table, with ``time_ns`` and ``rank`` filled in,
-  running the checks of :mod:`replay.validate` vectorised over the batch (unless the
+  running the checks of :mod:`replay.record.validate` vectorised over the batch (unless the
   calls were checked on the caller's thread) and setting refused rows aside.
 
 torch is imported only when a value is a torch tensor (``type(x).__module__``).
@@ -271,7 +271,7 @@ def _batch(schema: pa.Schema, cols: dict[str, pa.Array]) -> pa.RecordBatch:
 def build_rows(table: str, schema: pa.Schema, items: list[tuple], rank: int, tracker: Any) -> Built:
     """Rows of a table with list columns (rollouts, trainer, replays, reference): list columns
     flattened per batch, validated unless checked."""
-    from . import validate as v
+    from replay.record import validate as v
 
     rows = [row_of(it) for it in items]
     n = len(rows)
@@ -373,7 +373,7 @@ def _topk_columns(rows: list[dict]) -> list[tuple] | None:
 
 def _topk_problem(row: dict) -> Any:
     """The slow, per-call check that names what is wrong with a top-k call (None if nothing)."""
-    from . import validate as v
+    from replay.record import validate as v
 
     try:
         return v.check_topk(*topk_arrays(row))
@@ -384,7 +384,7 @@ def _topk_problem(row: dict) -> Any:
 
 def _topk_flats(mats: list, check: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Flat ids, logprobs and positions of several calls; None when ``check`` finds a bad value."""
-    from .validate import LOGPROB_MAX
+    from replay.record.validate import LOGPROB_MAX
 
     try:
         ids = _checked_cast(_concat([m[0].ravel() for m in mats], np.int32), "int32")
@@ -400,7 +400,7 @@ def _topk_flats(mats: list, check: bool) -> tuple[np.ndarray, np.ndarray, np.nda
 
 def build_topk(schema: pa.Schema, items: list[tuple], rank: int, tracker: Any) -> Built:
     """One row per position of each top-k call; values concatenated and checked per batch."""
-    from . import validate as v
+    from replay.record import validate as v
 
     rows = [row_of(it) for it in items]
     check = not all(it[CHECKED] for it in items)
@@ -461,7 +461,7 @@ def _repeat_str(values: list[str], counts: np.ndarray) -> pa.Array:
 
 def build_simple(table: str, schema: pa.Schema, items: list[tuple], rank: int) -> Built:
     """Events, metrics, weights and rejects: scalar columns only."""
-    from . import validate as v
+    from replay.record import validate as v
 
     rows, times, rejects = [], [], []
     for it in items:

@@ -8,7 +8,7 @@ values (5 GB for 8192 × 151936) and reads them three more times.
 
 :func:`capture_logits` reads the logits once instead:
 
-* on CUDA with Triton available, a kernel (``replay._capture_triton``) streams each
+* on CUDA with Triton available, a kernel (``replay.trainer.capture_triton``) streams each
   row through an online softmax (running max ``m``, ``Σ e^(x-m)`` and
   ``Σ (x-m)·e^(x-m)``), reads the sampled logit, and writes the maximum of each block
   of 128 logits; the top-k then lies in the k best blocks (proof in that module),
@@ -31,7 +31,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .errors import BadInput
+from replay.errors import BadInput
 
 DEFAULT_K = 20         # top-k width recorded by default
 DEFAULT_CHUNK = 16384  # vocabulary chunk of the torch path (columns per step)
@@ -110,7 +110,7 @@ def _warn_once(msg: str) -> None:
         _warned.add(msg)
         import logging
 
-        logging.getLogger("replay.capture").warning(msg)
+        logging.getLogger("replay.trainer.capture").warning(msg)
 
 
 def triton_available(device: Any) -> bool:
@@ -145,7 +145,7 @@ def capture_logits(logits: Any, token_ids: Any, *, k: int = DEFAULT_K, temperatu
         backend = "triton" if triton_available(logits.device) else "torch"
     if backend == "triton":
         try:
-            from ._capture_triton import capture_triton
+            from replay.trainer.capture_triton import capture_triton
 
             return capture_triton(logits, token_ids, k=k, temperature=temperature)
         except Exception as e:  # noqa: BLE001 - a kernel that cannot build here must not stop training

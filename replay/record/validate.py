@@ -32,7 +32,7 @@ import numpy as np
 LOGPROB_MAX = 1e-6  # largest logprob accepted: log(1) plus rounding
 TOPK_SOURCES = ("engine", "trainer", "replay")
 
-# list columns per table: name -> (kind for replay._convert, required)
+# list columns per table: name -> (kind for replay.record.convert, required)
 LIST_COLUMNS: dict[str, dict[str, tuple[str, bool]]] = {
     "rollouts": {"prompt_ids": ("int32", True), "output_ids": ("int32", True),
                  "logprobs": ("float32", True), "token_versions": ("int64", False)},
@@ -93,7 +93,7 @@ class Problem:
 def scalar(x: Any) -> Any:
     """A Python scalar for numpy scalars, 0-d / 1-element arrays and tensors; anything else unchanged."""
     if type(x).__module__.startswith("torch") or type(x).__name__ == "HostCopy":
-        from ._convert import resolve
+        from replay.record.convert import resolve
 
         x = resolve(x)
     if isinstance(x, np.generic):
@@ -297,7 +297,7 @@ def check_row(table: str, row: dict, tracker: "StepTracker") -> Problem | None:
     Converts the row's arrays in place (so the writer only concatenates) and, when the
     row passes, records its step in ``tracker``.
     """
-    from ._convert import ConversionError, row_array, topk_arrays
+    from replay.record.convert import ConversionError, row_array, topk_arrays
 
     p = check_scalars(table, row)
     if p is None and table == "metrics":
@@ -380,7 +380,7 @@ class StepTracker:
 
 def _plain(x: Any) -> Any:
     """``x`` as JSON-safe Python: arrays as lists, NaN/inf as strings, unknown types as repr."""
-    from ._convert import is_torch, resolve
+    from replay.record.convert import is_torch, resolve
 
     if is_torch(x) or type(x).__name__ == "HostCopy":
         try:

@@ -22,18 +22,18 @@ import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import __version__
-from ._cliargs import NONNEG_INT
-from .errors import BadInput, ReplayError
-from .schema import SCHEMA_VERSION
+from replay import __version__
+from replay.cli.args import NONNEG_INT
+from replay.errors import BadInput, ReplayError
+from replay.schema import SCHEMA_VERSION
 
 # command -> (module defining it, one-line help shown in `replay --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("replay.demo.cli", "run the embedded demo: a tiny real RL run, recorded"),
-    "rerun": ("replay.rerun", "re-execute recorded steps under another engine config"),
-    "diagnose": ("replay.diagnose.cli", "where the mismatch comes from and why: backend, trainer, lag"),
-    "bisect": ("replay.bisect_cli", "find where a run departs: steps, fixes, tokens, layers"),
-    "import": ("replay.importers_cli", "turn another tool's logs into a recording"),
+    "demo": ("replay.cli.demo", "run the embedded demo: a tiny real RL run, recorded"),
+    "rerun": ("replay.cli.rerun", "re-execute recorded steps under another engine config"),
+    "diagnose": ("replay.cli.diagnose", "where the mismatch comes from and why: backend, trainer, lag"),
+    "bisect": ("replay.cli.bisect", "find where a run departs: steps, fixes, tokens, layers"),
+    "import": ("replay.cli.importers", "turn another tool's logs into a recording"),
 }
 FORMAT_HELP = "output format (default: table)"
 MAX_ROWS = 200  # rows a `sql` table shows unless --max-rows says otherwise
@@ -49,13 +49,13 @@ def _salvage_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _format_arg(p: argparse.ArgumentParser) -> None:
-    from ._format import FORMATS
+    from replay.output import FORMATS
     p.add_argument("--format", choices=FORMATS, default="table", help=FORMAT_HELP)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from ._format import info_output
-    from .recording import open_recording
+    from replay.output import info_output
+    from replay.read.recording import open_recording
 
     with open_recording(args.path, salvage=args.salvage) as rec:
         print(info_output(rec.info(), args.format))
@@ -63,8 +63,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from ._format import Rows, rows_output
-    from .recording import open_recording
+    from replay.output import Rows, rows_output
+    from replay.read.recording import open_recording
 
     paths = list(args.args)
     if args.max_rows < 0:
@@ -136,7 +136,7 @@ def _export(table, path: Path) -> int:
     """Write the Arrow ``table`` to ``path`` (format from the suffix), atomically."""
     import pyarrow.parquet as pq
 
-    from ._format import jsonable, to_csv
+    from replay.output import jsonable, to_csv
 
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -164,8 +164,8 @@ cmd_sql.more_positionals = "args"  # positionals after an option still belong to
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from ._format import doctor_output
-    from .doctor import doctor
+    from replay.output import doctor_output
+    from replay.store.doctor import doctor
 
     report = doctor(args.path, repair=not args.no_repair)
     print(doctor_output(report, args.format))
@@ -173,7 +173,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .check import check, check_output
+    from replay.read.check import check, check_output
 
     report = check(args.path)
     print(check_output(report, args.format))
@@ -329,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help(sys.stderr)
         return 2
-    from . import _signals
+    from replay import signals as _signals
 
     previous = None
     if threading.current_thread() is threading.main_thread():

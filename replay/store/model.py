@@ -26,8 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import BadInput, RecordingError
-from .salvage import sha256_file as _sha256
+from replay.errors import BadInput, RecordingError
+from replay.store.salvage import sha256_file as _sha256
 
 MODEL_DIR = "model"
 MODEL_FILE = "model.json"

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import BadInput
+from replay.errors import BadInput
 
 KINDS = ("slime", "jsonl", "parquet")
 _SLIME_FINISH = {"completed": "stop", "truncated": "length", "aborted": "abort", "failed": "failed"}
@@ -416,7 +416,7 @@ def _write(dest: str | Path, config: dict, writes: list[tuple[str, str, dict]], 
     """
     import shutil
 
-    from .recorder import Recorder
+    from replay.record.recorder import Recorder
 
     dest = Path(dest)
     existed = dest.exists()
@@ -551,7 +551,7 @@ def column_fields() -> Iterable[str]:
 
 
 def add_parser(subparsers: Any) -> Any:
-    """The ``replay import`` command (defined in :mod:`replay.importers_cli`)."""
-    from .importers_cli import add_parser as add
+    """The ``replay import`` command (defined in :mod:`replay.cli.importers`)."""
+    from replay.cli.importers import add_parser as add
 
     return add(subparsers)

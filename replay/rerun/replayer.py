@@ -41,11 +41,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ._steps import RecordedRequest, StepPlan, _ranges, _steps_with_rollouts, plan_step
-from .errors import BadInput, RecordingError, ReplayError
-from .fixes import EngineConfig
-from .manifest import AUX_RANKS
-from .metrics import token_metrics
+from replay.rerun.plans import RecordedRequest, StepPlan, _ranges, _steps_with_rollouts, plan_step
+from replay.errors import BadInput, RecordingError, ReplayError
+from replay.fixes import EngineConfig
+from replay.store.manifest import AUX_RANKS
+from replay.metrics import token_metrics
 
 __all__ = ["REPLAY_RANK", "RecordedRequest", "ReplayResult", "Replayer", "StepPlan", "plan_step"]
 
@@ -121,8 +121,8 @@ class Replayer:
 
     def __init__(self, path: str | Path, *, engine: str = "reference", device: str = "cpu",
                  python: str | None = None, model_path: str | Path | None = None):
-        from .models import check_device
-        from .recording import open_recording
+        from replay.models import check_device
+        from replay.read.recording import open_recording
 
         if engine == "reference":  # a vLLM engine picks its own device (its platform)
             check_device(device)
@@ -143,7 +143,7 @@ class Replayer:
         self.warnings: list[str] = []           # what the replay assumed that the recording did not say
 
     def _model_path(self) -> Path:
-        from .models import recording_model
+        from replay.models import recording_model
 
         return recording_model(self.path, self.rec.run_config())
 
@@ -177,7 +177,7 @@ class Replayer:
         return self._weights[version]
 
     def _engine(self, config: EngineConfig):
-        from .engines.factory import make_engine
+        from replay.engines.factory import make_engine
 
         eng = self._engines.get(config.id)
         if eng is None:
@@ -204,7 +204,7 @@ class Replayer:
 
     @staticmethod
     def _gen_requests(plan: StepPlan, forced: bool, num_topk: int = 0) -> list:
-        from .engines.base import GenRequest
+        from replay.engines.base import GenRequest
 
         return [GenRequest(request_id=r.request_id, prompt_ids=r.prompt_ids,
                            max_tokens=max(1, len(r.output_ids)), temperature=r.temperature, top_p=r.top_p,
@@ -294,7 +294,7 @@ class Replayer:
                             replay_id=uuid.uuid4().hex[:12], rows=rows, note=note)
 
     def _score_by_version(self, eng, plan: StepPlan):
-        from .engines.base import GenResult, ScoreRequest
+        from replay.engines.base import GenResult, ScoreRequest
 
         lps = {r.request_id: np.zeros(len(r.output_ids), np.float32) for r in plan.requests}
         for v in sorted({v for r in plan.requests for v in r.token_versions} or {plan.serving}):
@@ -389,7 +389,7 @@ class Replayer:
 
     def _replay_batch(self, plans: list[StepPlan], config: EngineConfig, mode: str) -> list[ReplayResult]:
         """Several steps in one engine call, each from its own serving version (no prefix cache)."""
-        from .engines.base import GenGroup, generate_groups
+        from replay.engines.base import GenGroup, generate_groups
 
         eng = self._engine(config)
         self._load(eng, [v for p in plans for v in p.versions])
@@ -401,7 +401,7 @@ class Replayer:
         return [self._result(p, out, config, mode) for p, out in zip(plans, outs)]
 
     def _write(self, *results: ReplayResult) -> None:
-        from .recorder import Recorder
+        from replay.record.recorder import Recorder
 
         with _interrupt_after(), Recorder(self.path, rank=REPLAY_RANK, mode="append") as w:
             for result in results:
@@ -439,7 +439,7 @@ def _interrupt_after():
     import signal
     import threading
 
-    from ._signals import holdable
+    from replay.signals import holdable
 
     if threading.current_thread() is not threading.main_thread() or not holdable(signal.getsignal(signal.SIGINT)):
         yield

@@ -43,10 +43,10 @@ HOW = {
 
 def check(path: str | os.PathLike) -> dict:
     """What the recording at ``path`` supports; see the module doc."""
-    from .errors import RecordingError
-    from .fixes import EngineConfig
-    from .models import recorded_model
-    from .recording import open_recording
+    from replay.errors import RecordingError
+    from replay.fixes import EngineConfig
+    from replay.models import recorded_model
+    from replay.read.recording import open_recording
 
     root = Path(path)
     with open_recording(root) as rec:
@@ -153,14 +153,14 @@ def check(path: str | os.PathLike) -> dict:
 
 
 def _ranges(steps: list[int]) -> str:
-    from ._steps import _ranges as ranges
+    from replay.rerun.plans import _ranges as ranges
     return ranges(steps)
 
 
 def check_output(report: dict, fmt: str) -> str:
     """The report as ``table`` (one line per command, then what is missing and how), ``json``
     or ``csv``."""
-    from ._format import to_csv, to_json
+    from replay.output import to_csv, to_json
 
     if fmt == "json":
         return to_json(report)

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 
-from .errors import BadInput, RecordingError
-from .salvage import Part, StreamContents, one_line
-from .schema import MANIFEST, RANK_DIR_RE, SCHEMA_VERSION, SEGMENT_RE, STREAM_SUFFIX, TABLES
+from replay.errors import BadInput, RecordingError
+from replay.store.salvage import Part, StreamContents, one_line
+from replay.schema import MANIFEST, RANK_DIR_RE, SCHEMA_VERSION, SEGMENT_RE, STREAM_SUFFIX, TABLES
 
 
 def resolve(path: object, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem | None, str | None]:
@@ -73,7 +73,7 @@ def read_manifest_fs(fs: pafs.FileSystem, root: str) -> dict:
 
 
 def scan_parts_fs(fs: pafs.FileSystem, root: str) -> tuple[dict[str, list[Part]], int]:
-    """Every segment slot of every table (like :func:`replay.salvage.scan_parts`), and the
+    """Every segment slot of every table (like :func:`replay.store.salvage.scan_parts`), and the
     bytes of every file under ``root``."""
     out: dict[str, dict[tuple[int, int], Part]] = {t: {} for t in TABLES}
     total = 0
@@ -97,7 +97,7 @@ def scan_parts_fs(fs: pafs.FileSystem, root: str) -> tuple[dict[str, list[Part]]
 
 
 class FsFiles:
-    """How :func:`replay.salvage.select_parts` sees files in a ``pyarrow.fs`` filesystem."""
+    """How :func:`replay.store.salvage.select_parts` sees files in a ``pyarrow.fs`` filesystem."""
 
     def __init__(self, fs: pafs.FileSystem):
         self.fs = fs

@@ -1,14 +1,14 @@
 """``replay diagnose``: where the run's mismatch comes from, and why, in one command.
 
 ``--format json`` prints the dict :func:`replay.diagnose.core.diagnose` returns (the
-documented API); the table format prints the report of :mod:`.report`.
+documented API); the table format prints the report of :mod:`replay.diagnose.report`.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .._cliargs import NONNEG_INT
+from replay.cli.args import NONNEG_INT
 
 
 def add_parser(subparsers) -> None:
@@ -45,10 +45,10 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._format import to_json
-    from ..rerun import parse_steps
-    from .core import diagnose
-    from .report import render_text, write_report
+    from replay.output import to_json
+    from replay.cli.rerun import parse_steps
+    from replay.diagnose.core import diagnose
+    from replay.diagnose.report import render_text, write_report
 
     steps = [args.step] if args.step is not None else (parse_steps(args.steps, "--steps") if args.steps else None)
     window = parse_steps(args.window, "--window") if args.window else None

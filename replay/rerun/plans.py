@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import BadInput, RecordingError
+from replay.errors import BadInput, RecordingError
 
 
 @dataclass
@@ -55,7 +55,7 @@ def _steps_with_rollouts(rec) -> list[int]:
 
 def plan_step(rec, step: int) -> StepPlan:
     """Read step ``step``'s events and rollouts from an open recording."""
-    from .engines.base import WeightUpdate
+    from replay.engines.base import WeightUpdate
 
     events = rec.sql(
         "SELECT kind, weight_version, request_id, detail FROM events WHERE step = ? ORDER BY rank, seq",
@@ -124,7 +124,7 @@ def arrivals(step: int, requests: list[RecordedRequest], updates: list) -> tuple
     reaches the new version is taken to have joined at 0; one whose every token has the
     new version joined when the update landed. Sets ``arrival_step`` on each request and
     returns the updates at their engine steps, with a note of what was inferred."""
-    from .engines.base import WeightUpdate
+    from replay.engines.base import WeightUpdate
 
     if not updates:
         return updates, []

@@ -5,7 +5,7 @@
 
 Every table is a view over a ``pyarrow.dataset`` (nothing is copied into DuckDB):
 closed segments are scanned with projection and filter pushdown, open segments
-contribute their complete batches from memory (see :mod:`replay._views`). With one
+contribute their complete batches from memory (see :mod:`replay.read.views`). With one
 recording the views sit in a schema named after its folder *and* in the default
 schema; with several, each recording has its own schema (``a.tokens``, ``b.tokens``).
 
@@ -24,13 +24,13 @@ from typing import Any, Iterable
 import duckdb
 import pyarrow.compute as pc
 
-from ._views import DERIVED, TableScan, scan_table, sequences_sql, step_metrics_view_sql, tokens_sql
-from .errors import BadInput, RecordingError, ReplayError
-from .manifest import overall_status, writer_alive
-from .salvage import (LocalFiles, Part, SalvageReport, dead_ranks, listed_and_intact,
+from replay.read.views import DERIVED, TableScan, scan_table, sequences_sql, step_metrics_view_sql, tokens_sql
+from replay.errors import BadInput, RecordingError, ReplayError
+from replay.store.manifest import overall_status, writer_alive
+from replay.store.salvage import (LocalFiles, Part, SalvageReport, dead_ranks, listed_and_intact,
                       manifest_or_error, rank_entries, ranks_on_disk, salvage as salvage_ranks,
                       scan_parts, select_parts)
-from .schema import TABLES
+from replay.schema import TABLES
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # schema names that would shadow DuckDB's own catalogs
@@ -147,7 +147,7 @@ class Recording:
 
     def _load_fs(self, m: _Member) -> None:
         """Load a recording read through a pyarrow.fs filesystem (read only, no salvage)."""
-        from ._fs import FsFiles, read_manifest_fs, scan_parts_fs
+        from replay.store.fs import FsFiles, read_manifest_fs, scan_parts_fs
 
         read_manifest_fs(m.fs, str(m.root))
         parts, m.nbytes = scan_parts_fs(m.fs, str(m.root))
@@ -165,7 +165,7 @@ class Recording:
 
     @staticmethod
     def _select(m: _Member, parts: dict, files) -> dict:
-        """The parts to read (:func:`replay.salvage.select_parts`); damage is refused."""
+        """The parts to read (:func:`replay.store.salvage.select_parts`); damage is refused."""
         sel = select_parts(m.manifest, parts, files)
         if sel.damage:
             more = f" (and {len(sel.damage) - 1} more)" if len(sel.damage) > 1 else ""
@@ -387,7 +387,7 @@ class Recording:
                                  f"{m.root}/weights to a local recording to load version {version}",
                                  "weights not local")
         if m.store is None:
-            from .weights import WeightStore
+            from replay.store.weights import WeightStore
             m.store = WeightStore(m.root)   # kept: it remembers the versions it read (delta chains)
         return m.store.load(row["blob"], row["sha256"], framework=framework)
 
@@ -466,7 +466,7 @@ def open_recording(path_or_paths: str | os.PathLike | Iterable[str | os.PathLike
     salvaged, open segments are read up to their last complete batch, ``writer_alive``
     is unknown (None) and weight blobs cannot be loaded (see docs/distributed.md).
     """
-    from ._fs import resolve
+    from replay.store.fs import resolve
 
     if isinstance(path_or_paths, (str, os.PathLike)):
         given = [path_or_paths]

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._cliargs import POSITIVE_INT
-from .fixes import FIX_IDS
+from replay.cli.args import POSITIVE_INT
+from replay.fixes import FIX_IDS
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -26,7 +26,7 @@ def config_from_args(args, recorded):
     """The config to replay under: the recorded one, or a preset, with the given fixes."""
     import dataclasses
 
-    from .fixes import apply_fix, resolve
+    from replay.fixes import apply_fix, resolve
 
     cfg = dataclasses.replace(resolve(args.preset), dtype=recorded.dtype) if args.preset else recorded
     for f in args.fix:
@@ -36,7 +36,7 @@ def config_from_args(args, recorded):
 
 def parse_steps(text: str, flag: str = "--step") -> list[int]:
     """``"3"``, ``"2-5"`` or ``"1,4,7-9"``: steps >= 0, ranges low to high, both ends given."""
-    from .errors import BadInput
+    from replay.errors import BadInput
 
     out: list[int] = []
     for part in str(text).split(","):
@@ -86,9 +86,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ._format import table, to_json
-    from .errors import RecordingError
-    from .replayer import Replayer
+    from replay.output import table, to_json
+    from replay.errors import RecordingError
+    from replay.rerun.replayer import Replayer
 
     every = args.step.strip() == "all"
     steps = [] if every else parse_steps(args.step)

@@ -1,0 +1,2 @@
+"""Reading a recording: ``open_recording``, the SQL views, and what a recording supports.
+"""

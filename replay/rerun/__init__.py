@@ -1,0 +1,2 @@
+"""Re-executing recorded steps: step plans and the replayer.
+"""

@@ -1,0 +1,2 @@
+"""Trainer-side scoring: trainer logprobs, and the logits capture (with its Triton path).
+"""
