@@ -5,6 +5,9 @@ from pathlib import Path
 
 import numpy as np
 
+# the four panels of the demo's plot
+CURVES = ("clamp_log_ratio_new_old_indicator", "kl_new_old", "entropy", "reward")
+
 
 def envelope(reference: list[list[dict]], metric: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-step min and max of ``metric`` over the reference runs (the spread of V0)."""
@@ -36,8 +39,6 @@ def plot_curves(results: list[dict], png: Path, *, spread_names: list[str]) -> P
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from replay.demo.runner import CURVES
 
     by_name = {r["name"]: r for r in results}
     fig, axes = plt.subplots(2, 2, figsize=(13, 8), sharex=True)

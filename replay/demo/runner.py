@@ -12,9 +12,9 @@ import numpy as np
 
 from replay.fixes import FIX_IDS, EngineConfig, resolve
 from replay.demo.pipeline import RunSpec
+from replay.demo.report import format_table, plot_curves
 from replay.demo.rl import TrainConfig
 
-CURVES = ("clamp_log_ratio_new_old_indicator", "kl_new_old", "entropy", "reward")
 REFERENCE = "v0"
 SPREAD_SEEDS = 3   # v0 is run with this many seeds; their envelope is "the spread of v0"
 
@@ -207,7 +207,6 @@ def main(*, out: str = "recordings/demo", steps: int = 32, seed: int = 0, runs: 
     by_name = {r["name"]: r for r in results}
     reference = [by_name[REFERENCE]] + [by_name[s] for s in seeds]
     rows = summarize([by_name[n] for n in names], reference)
-    from replay.demo.report import format_table, plot_curves
 
     print(format_table(rows))
     summary = {"out": str(out_p), "rows": rows, "seconds": round(time.time() - t0, 1),

@@ -29,7 +29,8 @@ import numpy as np
 
 from replay.fixes import FIX_IDS, EngineConfig, apply_fix
 from replay.diagnose.components import _sub
-from replay.diagnose.reference import ReferenceSet, RefSeq
+from replay.diagnose.reference import ReferenceSet
+from replay.diagnose.sequences import RefSeq
 from replay.diagnose.stats import Floor, FloorTest, floor_test
 
 FIX_LAYER = {"processed_logprobs": "semantic", "v0_runtime_defaults": "inference path",

@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from replay.diagnose.reference import RefSeq
+from replay.diagnose.sequences import RefSeq
 from replay.diagnose.stats import Floor, FloorTest, floor_test
 
 COMPONENTS = ("backend", "semantics", "lag", "trainer")

@@ -4,7 +4,7 @@ For each rollout token the reference is its logprob under the sampler's own
 distribution (the request's recorded temperature, top-k and top-p, renormalised as
 the sampler does) with the stored weights of the version the token was stamped
 with, computed exactly: float32, teacher-forced prefill, nothing of the engine's
-decode path (:mod:`.scoring`). Four values per token go into the ``reference`` table:
+decode path (:mod:`replay.diagnose.scoring`). Four values per token go into the ``reference`` table:
 
 ``lp_sampler`` / ``lp_tempered``
     at the token's version, under the sampler's distribution / under ``logits / T``
@@ -38,7 +38,9 @@ import numpy as np
 from replay.errors import BadInput, RecordingError
 from replay.store.manifest import AUX_RANKS
 from replay.models import dtype_name
+from replay.diagnose.components import identify_semantics
 from replay.diagnose.scoring import Dist, ReferenceScorer, ScoringStats, Seq
+from replay.diagnose.sequences import RefSeq
 
 SCORING_VERSION = 1            # bumped when the stored values of a key would change
 REFERENCE_RANK = AUX_RANKS + 1  # the writer rank of reference rows (replays use AUX_RANKS)
@@ -50,57 +52,6 @@ EXACT_OF = {"float32": "float64", "bfloat16": "float32", "float16": "float32"}
 # -1e9, -1e4) writes logprobs no softmax of realistic logits gives (that needs two logits 1000
 # apart): below this they are read as -inf, "outside the support".
 OUTSIDE_LP = -1e3
-
-
-@dataclass
-class RefSeq:
-    """One rollout with its recorded logprobs and its reference scores (float64 arrays)."""
-
-    step: int
-    request_id: str
-    group_id: str | None
-    prompt_ids: list[int]
-    output_ids: list[int]
-    versions: np.ndarray                  # int64, the version each token was stamped with
-    trainer_version: int | None           # the trainer's recorded version (None: not recorded)
-    lp_rollout: np.ndarray
-    trainer_row: np.ndarray | None        # the trainer's logprobs as recorded (any length)
-    num_cached_tokens: int | None
-    dist: Dist                            # the sampler's distribution
-    lp_sampler: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    lp_tempered: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    lp_sampler_tr: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    lp_tempered_tr: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    floor: np.ndarray | None = None       # |body dtype - exact| per token, for sampled sequences
-    floor_trainer: np.ndarray | None = None  # the same in the trainer's dtype, where it differs
-
-    @property
-    def n(self) -> int:
-        return len(self.output_ids)
-
-    @property
-    def lp_trainer(self) -> np.ndarray | None:
-        """The trainer's logprobs aligned by position as the ``tokens`` view aligns them
-        (its first ``n`` values; NaN where the row is shorter)."""
-        if self.trainer_row is None:
-            return None
-        out = np.full(self.n, np.nan)
-        k = min(self.n, len(self.trainer_row))
-        out[:k] = self.trainer_row[:k]
-        return out
-
-    @property
-    def tr_versions(self) -> np.ndarray:
-        """The version the trainer scored each token with (its recorded one, else the token's)."""
-        if self.trainer_version is None:
-            return self.versions
-        return np.full(self.n, self.trainer_version, np.int64)
-
-    def star(self, semantics: str) -> tuple[np.ndarray, np.ndarray]:
-        """The reference under the trainer's semantics at the token's and the trainer's version."""
-        if semantics == "untruncated":
-            return self.lp_tempered, self.lp_tempered_tr
-        return self.lp_sampler, self.lp_sampler_tr
 
 
 @dataclass
@@ -254,7 +205,6 @@ def reference_scores(path: str | Path, steps: Sequence[int] | None = None, *, dt
     is already there, scored (and, with ``write``, stored) where it is not."""
     from replay.models import recorded_model, recording_model
     from replay.read.recording import open_recording
-    from replay.diagnose.components import identify_semantics
 
     path = Path(path)
     t_start = time.perf_counter()

@@ -29,7 +29,8 @@ from typing import Any, Callable, ContextManager, Sequence
 import numpy as np
 
 from replay.diagnose.components import Tokens, _sub, size
-from replay.diagnose.reference import ReferenceSet, RefSeq
+from replay.diagnose.reference import ReferenceSet
+from replay.diagnose.sequences import RefSeq
 from replay.diagnose.scoring import LOGITS, Dist, ReferenceScorer, Seq
 from replay.diagnose.stats import Floor, cusum_onset, floor_test
 

@@ -548,10 +548,3 @@ def import_any(kind: str, src: str | Path, dest: str | Path, **kw: Any) -> Impor
 
 def column_fields() -> Iterable[str]:
     return [f.name for f in fields(ColumnMap)]
-
-
-def add_parser(subparsers: Any) -> Any:
-    """The ``replay import`` command (defined in :mod:`replay.cli.importers`)."""
-    from replay.cli.importers import add_parser as add
-
-    return add(subparsers)

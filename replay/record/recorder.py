@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from replay.record import convert as cv
+from replay.record.arrays import snapshot, snapshot_scalar
 from replay.record.writer import Writer, WriterConfig, reject_item
 from replay.errors import BadInput, RecordingError, ReplayError
 from replay.store.manifest import hold_rank_lock, host_id, new_manifest, now_iso, update_manifest, write_atomic
@@ -323,7 +324,7 @@ class Recorder:
                 seed: int | None = None, logprobs_mode: str | None = None, engine: str | None = None,
                 engine_config: str | None = None, num_cached_tokens: int | None = None) -> None:
         """One generated sequence: prompt and output token ids, engine logprob and weight version per token."""
-        snap, num = cv.snapshot, cv.snapshot_scalar
+        snap, num = snapshot, snapshot_scalar
         row = {"step": step, "request_id": request_id, "group_id": group_id,
                "prompt_ids": snap(prompt_ids), "output_ids": snap(output_ids), "logprobs": snap(logprobs),
                "token_versions": snap(token_versions), "reward": num(reward), "finish_reason": finish_reason,
@@ -367,8 +368,8 @@ class Recorder:
         step given."""
         step = self._rollouts_step(step, request_id, count=True)
         row = {"step": step, "request_id": request_id, "weight_version": weight_version,
-               "logprobs": cv.snapshot(logprobs), "entropy": cv.snapshot(entropy),
-               "advantage": cv.snapshot_scalar(advantage)}
+               "logprobs": snapshot(logprobs), "entropy": snapshot(entropy),
+               "advantage": snapshot_scalar(advantage)}
         self._submit("trainer", row, _length(logprobs), 256 + 2 * _nbytes(row["logprobs"]))
 
     @_guarded
@@ -379,8 +380,8 @@ class Recorder:
         rollout's step, as in :meth:`trainer`."""
         if source == "trainer":
             step = self._rollouts_step(step, request_id, count=False)
-        row = {"step": step, "request_id": request_id, "source": source, "ids": cv.snapshot(ids),
-               "logprobs": cv.snapshot(logprobs), "positions": cv.snapshot(positions)}
+        row = {"step": step, "request_id": request_id, "source": source, "ids": snapshot(ids),
+               "logprobs": snapshot(logprobs), "positions": snapshot(positions)}
         self._submit("topk", row, _length(ids), 256 + 2 * _nbytes(row["ids"]))
 
     @_guarded
@@ -391,21 +392,21 @@ class Recorder:
         """One replayed sequence (the replayer's output): replayed logprob per token under the
         engine config ``engine_config``; ``-inf`` marks a forced token outside that config's support."""
         row = {"step": step, "request_id": request_id, "engine_config": engine_config, "config": config,
-               "engine": engine, "mode": mode, "replay_id": replay_id, "logprobs": cv.snapshot(logprobs),
-               "output_ids": cv.snapshot(output_ids), "first_diff": first_diff}
+               "engine": engine, "mode": mode, "replay_id": replay_id, "logprobs": snapshot(logprobs),
+               "output_ids": snapshot(output_ids), "first_diff": first_diff}
         self._submit("replays", row, _length(logprobs), 256 + 2 * _nbytes(row["logprobs"]))
 
     @_guarded
     def reference(self, **row: Any) -> None:
         """One sequence's reference scores (written by :mod:`replay.diagnose.reference`);
         the fields are the ``reference`` table's columns."""
-        row = {k: cv.snapshot(v) for k, v in row.items()}
+        row = {k: snapshot(v) for k, v in row.items()}
         self._submit("reference", row, _length(row.get("lp_sampler")), 256 + 6 * _nbytes(row.get("lp_sampler")))
 
     @_guarded
     def metrics(self, *, step: int | None = None, values: dict | None = None, source: str | None = None) -> None:
         """Named scalar metrics of a step, one row each."""
-        vals = {k: cv.snapshot_scalar(v) for k, v in values.items()} if isinstance(values, dict) else values
+        vals = {k: snapshot_scalar(v) for k, v in values.items()} if isinstance(values, dict) else values
         self._submit("metrics", {"step": step, "values": vals, "source": source})
 
     @_guarded

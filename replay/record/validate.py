@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from replay.record.arrays import ConversionError, HostCopy, is_torch, resolve, row_array, topk_arrays
+
 LOGPROB_MAX = 1e-6  # largest logprob accepted: log(1) plus rounding
 TOPK_SOURCES = ("engine", "trainer", "replay")
 
@@ -92,9 +94,7 @@ class Problem:
 
 def scalar(x: Any) -> Any:
     """A Python scalar for numpy scalars, 0-d / 1-element arrays and tensors; anything else unchanged."""
-    if type(x).__module__.startswith("torch") or type(x).__name__ == "HostCopy":
-        from replay.record.convert import resolve
-
+    if is_torch(x) or isinstance(x, HostCopy):
         x = resolve(x)
     if isinstance(x, np.generic):
         return x.item()
@@ -297,8 +297,6 @@ def check_row(table: str, row: dict, tracker: "StepTracker") -> Problem | None:
     Converts the row's arrays in place (so the writer only concatenates) and, when the
     row passes, records its step in ``tracker``.
     """
-    from replay.record.convert import ConversionError, row_array, topk_arrays
-
     p = check_scalars(table, row)
     if p is None and table == "metrics":
         p = check_metric_values(row.get("values"))
@@ -380,9 +378,7 @@ class StepTracker:
 
 def _plain(x: Any) -> Any:
     """``x`` as JSON-safe Python: arrays as lists, NaN/inf as strings, unknown types as repr."""
-    from replay.record.convert import is_torch, resolve
-
-    if is_torch(x) or type(x).__name__ == "HostCopy":
+    if is_torch(x) or isinstance(x, HostCopy):
         try:
             x = resolve(x)
         except Exception:  # noqa: BLE001 - a row that cannot even be copied is still described

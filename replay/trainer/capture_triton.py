@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from replay.trainer.capture import Capture, ids_of_keys, order_keys
+from replay.trainer.captured import Capture, ids_of_keys, order_keys
 
 SUB = 128     # width of a block whose maximum is kept for the top-k selection
 NSUB = 32     # blocks per tile: a program reads NSUB * SUB logits per iteration

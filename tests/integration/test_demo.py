@@ -13,7 +13,7 @@ import pytest
 from replay import open_recording
 from replay.diagnose.bisect import bisect_steps
 from replay.demo import runner
-from replay.demo.report import envelope
+from replay.demo.report import CURVES, envelope
 
 
 
@@ -39,7 +39,7 @@ def test_v1_with_fixes_stays_within_v0_spread(demo):
     out, _ = demo
     ref = [_history(out, n) for n in ("v0", "v0@seed1", "v0@seed2")]
     fixed = _history(out, "v1+fixes")
-    for metric in runner.CURVES + ("mean_abs_log_ratio_new_old",):
+    for metric in CURVES + ("mean_abs_log_ratio_new_old",):
         lo, hi = envelope(ref, metric)
         v = np.array([s[metric] for s in fixed])
         assert np.all(v >= lo - 1e-9) and np.all(v <= hi + 1e-9), metric

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from replay.trainer.capture import Capture, CaptureSink, capture_logits, capture_naive, ids_of_keys, order_keys
+from replay.trainer.capture import CaptureSink, capture_logits, capture_naive
+from replay.trainer.captured import Capture, ids_of_keys, order_keys
 from replay.errors import BadInput
 
 CASES = [  # T, V, k, temperature, chunk

@@ -58,7 +58,7 @@ def test_exactly_zero_components_are_at_a_zero_floor():
 # ------------------------------------------------------------------ semantics
 
 def _seq(lp_tr_sampler, lp_tr_tempered, trainer, top_p=0.9):
-    from replay.diagnose.reference import RefSeq
+    from replay.diagnose.sequences import RefSeq
     from replay.diagnose.scoring import Dist
 
     n = len(trainer)
