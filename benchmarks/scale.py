@@ -217,7 +217,7 @@ def child(kind: str, root: str, arg: str) -> None:
             res = {"rows": n, "query_s": t2 - t1, "rows_by_id": n2, "by_id_s": time.perf_counter() - t2}
     elif kind == "open":
         from replay import open_recording
-        from replay.store.salvage import listed_segments
+        from replay.store.manifest import listed_segments
         t1 = time.perf_counter()
         with open_recording(root) as rec:
             listed = listed_segments(rec._member(None).manifest)

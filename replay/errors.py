@@ -46,3 +46,8 @@ class EngineError(ReplayError):
     """An engine or its worker process failed (start-up, crash, timeout, bad reply)."""
 
     title = "engine error"
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (its type when it has none)."""
+    return " ".join(str(e).split()) or type(e).__name__

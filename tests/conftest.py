@@ -25,7 +25,8 @@ def relist():
     import pyarrow.ipc as ipc
 
     from replay.store.manifest import update_manifest
-    from replay.store.salvage import rank_entries, sha256_file
+    from replay.store.manifest import rank_entries
+    from replay.store.segments import sha256_file
 
     def run(seg):
         root = seg.parents[2]

@@ -26,10 +26,11 @@ import pyarrow.compute as pc
 
 from replay.read.views import DERIVED, TableScan, scan_table, sequences_sql, step_metrics_view_sql, tokens_sql
 from replay.errors import BadInput, RecordingError, ReplayError
-from replay.store.manifest import overall_status, writer_alive
-from replay.store.salvage import (LocalFiles, Part, SalvageReport, dead_ranks, listed_and_intact,
-                      manifest_or_error, rank_entries, ranks_on_disk, salvage as salvage_ranks,
-                      scan_parts, select_parts)
+from replay.store.files import LOCAL, Files
+from replay.store.manifest import manifest_or_error, overall_status, rank_entries, writer_alive
+from replay.store.salvage import SalvageReport, dead_ranks, salvage as salvage_ranks
+from replay.store.segments import Part, ranks_on_disk, scan_parts
+from replay.store.selection import listed_and_intact, select_parts
 from replay.schema import TABLES
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -48,8 +49,7 @@ class _Member:
     salvage: SalvageReport | None = None        # the last salvage done on opening / refresh
     dead: list[int] = field(default_factory=list)  # dead ranks left alone (salvage=False)
     streams: dict = field(default_factory=dict)  # open segments read so far (see StreamCache)
-    fs: Any = None                              # pyarrow.fs filesystem holding it; None: local folder
-    nbytes: int = 0                             # bytes under it, counted while listing (fs only)
+    files: Files = LOCAL                        # the filesystem holding it (local folders by default)
     store: Any = None                           # its WeightStore, once weights are read
     weight_rows: Any = None                     # its weights table, once read (reset by a refresh)
     unlisted: list[str] = field(default_factory=list)  # closed files the manifest does not list: not read
@@ -100,10 +100,10 @@ class Recording:
     """One DuckDB connection over one or several recordings. Use :func:`open_recording`."""
 
     def __init__(self, roots: list[Path], names: list[str], *, salvage: bool = False,
-                 filesystems: list | None = None):
+                 files: list[Files] | None = None):
         self._salvage = salvage
-        filesystems = filesystems or [None] * len(roots)
-        self._members = [_Member(n, r, fs=f) for n, r, f in zip(names, roots, filesystems)]
+        files = files or [LOCAL] * len(roots)
+        self._members = [_Member(n, r, files=f) for n, r, f in zip(names, roots, files)]
         self._con: duckdb.DuckDBPyConnection | None = duckdb.connect()
         try:
             for m in self._members:
@@ -119,47 +119,28 @@ class Recording:
 
     # ---------------------------------------------------------------- loading
     def _load(self, m: _Member) -> None:
-        if m.fs is not None:
-            return self._load_fs(m)
-        manifest_or_error(m.root)           # a plain error first when it is no recording
-        parts = scan_parts(m.root)
-        m.manifest = manifest_or_error(m.root)  # after the listing: a file closed meanwhile is in it
-        dead = dead_ranks(m.root, m.manifest, parts)
+        files, root = m.files, m.root
+        manifest_or_error(root, files)           # a plain error first when it is no recording
+        parts = scan_parts(root, files)
+        m.manifest = manifest_or_error(root, files)  # after the listing: a file closed meanwhile is in it
+        # dead writers: only a local folder has the life locks that tell (and can be salvaged)
+        dead = dead_ranks(root, m.manifest, parts) if files.local else []
         m.dead = []
         if dead and self._salvage:
-            m.salvage = salvage_ranks(m.root, dead)
-            parts = scan_parts(m.root)
-            m.manifest = manifest_or_error(m.root)
+            m.salvage = salvage_ranks(root, dead)
+            parts = scan_parts(root, files)
+            m.manifest = manifest_or_error(root, files)
         elif dead:
             m.dead = dead
-        sel = self._select(m, parts, LocalFiles)
+        sel = self._select(m, parts, files)
         live = {p.stream for ps in sel.values() for p in ps if p.stream is not None}
         m.streams = {k: v for k, v in m.streams.items() if k in live}
-        root = m.root
 
         def admit(p: Part, path: Path) -> bool:
-            return listed_and_intact(manifest_or_error(root), p, path)
+            return listed_and_intact(manifest_or_error(root, files), p, path, files)
 
-        m.scans = {t: scan_table(t, sel[t], m.streams, admit=admit) for t in TABLES}
+        m.scans = {t: scan_table(t, sel[t], m.streams, files, admit=admit) for t in TABLES}
         m.weight_rows = None
-        for t, scan in m.scans.items():
-            self._con.register(self._internal(m.name, t), scan.dataset)
-
-    def _load_fs(self, m: _Member) -> None:
-        """Load a recording read through a pyarrow.fs filesystem (read only, no salvage)."""
-        from replay.store.fs import FsFiles, read_manifest_fs, scan_parts_fs
-
-        read_manifest_fs(m.fs, str(m.root))
-        parts, m.nbytes = scan_parts_fs(m.fs, str(m.root))
-        m.manifest = read_manifest_fs(m.fs, str(m.root))
-        files = FsFiles(m.fs)
-        sel = self._select(m, parts, files)
-        fs_, root = m.fs, str(m.root)
-
-        def admit(p: Part, path) -> bool:
-            return listed_and_intact(read_manifest_fs(fs_, root), p, path, files)
-
-        m.scans = {t: scan_table(t, sel[t], filesystem=m.fs, admit=admit) for t in TABLES}
         for t, scan in m.scans.items():
             self._con.register(self._internal(m.name, t), scan.dataset)
 
@@ -319,7 +300,7 @@ class Recording:
             "topk_rows": counts["topk"],
             "metric_rows": counts["metrics"],
             "weight_versions": counts["weights"],
-            "bytes_on_disk": _du(m.root) if m.fs is None else m.nbytes,
+            "bytes_on_disk": m.files.du(m.root),
             "open_segments": sum(len(sc.streams) for sc in m.scans.values()),
             "rows_in_open_segments": sum(sc.stream_rows for sc in m.scans.values()),
             "salvage": m.salvage.as_dict() if m.salvage is not None and m.salvage.ranks else None,
@@ -345,8 +326,7 @@ class Recording:
     def _ranks(self, m: _Member) -> list[dict]:
         entries = rank_entries(m.manifest)
         on_disk = {_rank_of(p) for sc in m.scans.values() for p in sc.files + sc.streams}
-        if m.fs is None:
-            on_disk |= ranks_on_disk(scan_parts(m.root))
+        on_disk |= ranks_on_disk(scan_parts(m.root, m.files))
         out = []
         for r in sorted(set(entries) | on_disk):
             e = entries.get(r, (None, {}))[1]
@@ -355,7 +335,7 @@ class Recording:
                 status = "salvaged"
             closed = sum(1 for sc in m.scans.values() for p in sc.files if _rank_of(p) == r)
             opened = sum(1 for sc in m.scans.values() for p in sc.streams if _rank_of(p) == r)
-            alive = writer_alive(m.root, r) if m.fs is None else None  # no locks to ask remotely
+            alive = writer_alive(m.root, r) if m.files.local else None  # no locks to ask remotely
             row = {"rank": r, "status": status, "writer_alive": alive,
                    "closed_segments": closed, "open_segments": opened}
             if e.get("crashed"):
@@ -382,7 +362,7 @@ class Recording:
             raise RecordingError(f"weight version {version} of {m.root} was recorded by hash "
                                  f"only (sha256 {row['sha256']}); load its checkpoint{where}",
                                  "weights not stored")
-        if m.fs is not None:
+        if not m.files.local:
             raise RecordingError(f"weight blobs of {m.root} are read from local folders only: copy "
                                  f"{m.root}/weights to a local recording to load version {version}",
                                  "weights not local")
@@ -437,17 +417,6 @@ def _rank_of(path: Path) -> int:
     return int(path.parent.name.split("-")[1])
 
 
-def _du(root: Path) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, f)).st_size
-            except OSError:
-                pass
-    return total
-
-
 def open_recording(path_or_paths: str | os.PathLike | Iterable[str | os.PathLike], *,
                    salvage: bool = False, names: Iterable[str] | None = None,
                    filesystem: Any = None) -> Recording:
@@ -466,7 +435,7 @@ def open_recording(path_or_paths: str | os.PathLike | Iterable[str | os.PathLike
     salvaged, open segments are read up to their last complete batch, ``writer_alive``
     is unknown (None) and weight blobs cannot be loaded (see docs/distributed.md).
     """
-    from replay.store.fs import resolve
+    from replay.store.files import resolve
 
     if isinstance(path_or_paths, (str, os.PathLike)):
         given = [path_or_paths]
@@ -482,9 +451,9 @@ def open_recording(path_or_paths: str | os.PathLike | Iterable[str | os.PathLike
         raise BadInput(f"a recording path must be a str or os.PathLike, not {type(bad[0]).__name__}",
                        field="path")
     roots: list = []
-    filesystems: list = []
+    files: list[Files] = []
     for p in given:
-        f, inner = resolve(p if isinstance(p, str) else os.fspath(p), filesystem)
-        roots.append(Path(p) if f is None else PurePosixPath(inner))
-        filesystems.append(f)
-    return Recording(roots, _safe_names(roots, names), salvage=salvage, filesystems=filesystems)
+        f, root = resolve(p if isinstance(p, str) else os.fspath(p), filesystem)
+        roots.append(root)
+        files.append(f)
+    return Recording(roots, _safe_names(roots, names), salvage=salvage, files=files)

@@ -24,11 +24,11 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.fs as fs
 import pyarrow.ipc as ipc
 
-from replay.errors import RecordingError
-from replay.store.salvage import Part, StreamContents, file_schema, one_line, read_stream
+from replay.errors import RecordingError, one_line
+from replay.store.files import LOCAL, Files
+from replay.store.segments import Part, StreamContents, file_schema, read_stream
 from replay.schema import SCHEMAS
 
 DERIVED = ("tokens", "sequences", "step_metrics")
@@ -114,19 +114,17 @@ def _conform(batch: pa.RecordBatch, schema: pa.Schema, where: Path) -> pa.Record
 _BOUNDS: dict[tuple[str, int, int], tuple[int, int] | None] = {}  # (path, mtime, size) -> steps
 
 
-def _step_bounds(path: Path, filesystem: fs.FileSystem | None = None) -> tuple[int, int] | None:
+def _step_bounds(path: Path, files: Files = LOCAL) -> tuple[int, int] | None:
     """(min, max) step of a closed segment, or None if it has no step column, no rows or a
     NULL step. Reads the step column only; cached while the file is unchanged."""
-    if filesystem is None:
-        st = path.stat()
-        key = (str(path), st.st_mtime_ns, st.st_size)
-    else:
-        info = filesystem.get_file_info(str(path))
-        key = (f"{filesystem.type_name}:{id(filesystem)}:{path}", info.mtime_ns, info.size)
+    st = files.stat(path)
+    if st is None:
+        raise FileNotFoundError(str(path))
+    key = (files.key, str(path), st[1], st[0])
     if key in _BOUNDS:
         return _BOUNDS[key]
     bounds = None
-    with (pa.memory_map(str(path)) if filesystem is None else filesystem.open_input_file(str(path))) as src:
+    with files.open(path) as src:
         idx = ipc.open_file(src).schema.get_field_index("step")
         if idx >= 0:
             reader = ipc.open_file(src, options=ipc.IpcReadOptions(included_fields=[idx]))
@@ -145,65 +143,61 @@ def _step_bounds(path: Path, filesystem: fs.FileSystem | None = None) -> tuple[i
     return bounds
 
 
-def _file_dataset(paths: list[Path], schema: pa.Schema,
-                  filesystem: fs.FileSystem | None = None) -> ds.Dataset:
+def _file_dataset(paths: list[Path], schema: pa.Schema, files: Files = LOCAL) -> ds.Dataset:
     """The closed segments as one dataset. Each fragment carries its step range as a
     guarantee, so a filter on ``step`` skips whole segments (IPC files have no statistics
     of their own: without this, every filtered query would decompress every segment)."""
     if "step" not in schema.names or not pa.types.is_integer(schema.field("step").type):
-        return ds.dataset([str(p) for p in paths], format="ipc", schema=schema, filesystem=filesystem)
+        return ds.dataset([str(p) for p in paths], format="ipc", schema=schema, filesystem=files.fs)
     step = pc.field("step")
     guarantees = []
     for p in paths:
         try:
-            b = _step_bounds(p, filesystem)
+            b = _step_bounds(p, files)
         except (OSError, pa.ArrowException):
             b = None
         guarantees.append(pc.scalar(True) if b is None else (step >= b[0]) & (step <= b[1]))
     return ds.FileSystemDataset.from_paths([str(p) for p in paths], schema=schema,
                                            format=ds.IpcFileFormat(),
-                                           filesystem=filesystem or fs.LocalFileSystem(),
+                                           filesystem=files.fs,
                                            partitions=guarantees)
 
 
 StreamCache = dict  # path -> (size, mtime_ns, StreamContents): open segments already read
 
 
-def _read_cached(path: Path, cache: StreamCache | None) -> StreamContents:
+def _read_cached(path: Path, cache: StreamCache | None, files: Files = LOCAL) -> StreamContents:
     """read_stream, reusing the last read while the stream has not changed (live refresh)."""
     if cache is None:
-        return read_stream(path)
-    st = path.stat()
+        return read_stream(path, files)
+    st = files.stat(path)
+    if st is None:
+        raise FileNotFoundError(str(path))
     hit = cache.get(path)
-    if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+    if hit is not None and (hit[0], hit[1]) == st:
         return hit[2]
-    contents = read_stream(path)
-    cache[path] = (st.st_size, st.st_mtime_ns, contents)
+    contents = read_stream(path, files)
+    cache[path] = (st[0], st[1], contents)
     return contents
 
 
-def scan_table(table: str, parts: list[Part], cache: StreamCache | None = None,
-               filesystem: fs.FileSystem | None = None,
+def scan_table(table: str, parts: list[Part], cache: StreamCache | None = None, files: Files = LOCAL,
                admit: Callable[[Part, Path], bool] | None = None) -> TableScan:
     """The dataset of one table over ``parts``; the closed file of a part wins over its stream.
 
-    With ``filesystem`` (a ``pyarrow.fs`` filesystem) the parts' paths are paths in it.
+    The parts' paths are paths in ``files`` (this machine's folders by default).
     ``admit(part, path)``: whether to read the closed file that replaced a stream since the
     listing (its writer closed it); without it, such a file is read.
     """
-    if filesystem is not None:
-        from replay.store.fs import file_schema_fs, read_stream_fs
-        schema_of = functools.partial(file_schema_fs, filesystem)
-        read = functools.partial(read_stream_fs, filesystem)
-    else:
-        schema_of, read = file_schema, functools.partial(_read_cached, cache=cache)
+    schema_of = functools.partial(file_schema, files=files)
+    read = functools.partial(_read_cached, cache=cache, files=files)
     warnings: list[str] = []
-    files: list[tuple[Path, pa.Schema]] = []
+    closed_files: list[tuple[Path, pa.Schema]] = []
     streams = []
     for p in parts:
         if p.file is not None:
             try:
-                files.append((p.file, schema_of(p.file)))
+                closed_files.append((p.file, schema_of(p.file)))
                 continue
             except FileNotFoundError:
                 if p.stream is None:  # listed and verified a moment ago: someone removed it
@@ -224,7 +218,7 @@ def scan_table(table: str, parts: list[Part], cache: StreamCache | None = None,
                                     f"file is not listed in the manifest: not read")
                     continue
                 try:
-                    files.append((closed, schema_of(closed)))
+                    closed_files.append((closed, schema_of(closed)))
                 except FileNotFoundError:
                     pass
     base = base_schema(table)
@@ -232,7 +226,7 @@ def scan_table(table: str, parts: list[Part], cache: StreamCache | None = None,
     names = set(base.names)
     known: dict[str, pa.DataType] = {}
     dropped: set[str] = set()
-    for path, sch in files:
+    for path, sch in closed_files:
         check_types(sch, base, path)
         _add_extras(fields, known, names, sch, dropped, path, warnings)
     for c in streams:
@@ -241,8 +235,8 @@ def scan_table(table: str, parts: list[Part], cache: StreamCache | None = None,
             _add_extras(fields, known, names, c.schema, dropped, c.path, warnings)
     schema = pa.schema([f for f in fields if f.name not in dropped], metadata=base.metadata)
     children: list[ds.Dataset] = []
-    if files:
-        children.append(_file_dataset([p for p, _ in files], schema, filesystem))
+    if closed_files:
+        children.append(_file_dataset([p for p, _ in closed_files], schema, files))
     batches = [_conform(b, schema, c.path) for c in streams for b in c.batches]
     if batches:
         children.append(ds.dataset(pa.Table.from_batches(batches, schema=schema)))
@@ -255,7 +249,7 @@ def scan_table(table: str, parts: list[Part], cache: StreamCache | None = None,
         dataset = children[0]
     else:
         dataset = ds.dataset(children)
-    return TableScan(dataset, [p for p, _ in files], [c.path for c in streams],
+    return TableScan(dataset, [p for p, _ in closed_files], [c.path for c in streams],
                      sum(c.rows for c in streams), sum(c.skipped_bytes for c in streams), warnings)
 
 

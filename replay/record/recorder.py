@@ -60,7 +60,7 @@ from replay.record.arrays import snapshot, snapshot_scalar
 from replay.record.writer import Writer, WriterConfig, reject_item
 from replay.errors import BadInput, RecordingError, ReplayError
 from replay.store.manifest import hold_rank_lock, host_id, new_manifest, now_iso, update_manifest, write_atomic
-from replay.store.salvage import run_header
+from replay.store.manifest import run_header
 from replay.schema import RUN_FILE
 from replay.record.validate import Problem, StepTracker, _plain, check_row
 
@@ -128,28 +128,20 @@ def _guarded(fn: Callable) -> Callable:
 
 def _last_event_seq(root: Path, rank: int) -> int:
     """The largest ``seq`` in the event segments of ``rank`` (-1 if none): where a crashed rank stopped."""
-    import pyarrow as pa
-
-    from replay.schema import rank_dir
+    from replay.store.segments import read_file, read_stream, scan_parts
 
     best = -1
-    d = rank_dir(root, "events", rank)
-    for p in sorted(d.glob("part-*.arrow*")) if d.is_dir() else ():
-        try:
-            if p.suffix == ".arrow":
-                tables = [pa.ipc.open_file(str(p)).read_all()]
-            else:
-                reader, tables = pa.ipc.open_stream(str(p)), []
-                while True:
-                    try:
-                        tables.append(pa.Table.from_batches([reader.read_next_batch()]))
-                    except (StopIteration, pa.ArrowInvalid, OSError):
-                        break
-        except (pa.ArrowInvalid, OSError):
+    for p in scan_parts(root, tables=("events",))["events"]:
+        if p.rank != rank:
             continue
-        for t in tables:
-            if t.num_rows:
-                best = max(best, max(t.column("seq").to_pylist()))
+        try:
+            # the closed file when there is one, else what the stream holds up to a torn tail
+            batches = read_file(p.file, hint=False)[1] if p.file is not None else read_stream(p.stream).batches
+        except (ReplayError, OSError):
+            continue
+        for b in batches:
+            if b.num_rows:
+                best = max(best, max(b.column("seq").to_pylist()))
     return best
 
 

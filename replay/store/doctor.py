@@ -36,10 +36,12 @@ import pyarrow.compute as pc
 
 from replay.read.views import base_schema, check_types, scan_table
 from replay.errors import RecordingError, ReplayError
-from replay.store.manifest import now_iso, overall_status, read_manifest, update_manifest, write_atomic, writer_alive
-from replay.store.salvage import (Part, check_file, dead_ranks, listed_segments, manifest_or_error, one_line,
-                      outside, part_path, run_header, rank_entries, read_stream, salvage, scan_parts, segment_entry,
-                      sha256_file)
+from replay.errors import one_line
+from replay.store.manifest import (listed_segments, manifest_or_error, now_iso, overall_status, rank_entries,
+                                   read_manifest, run_header, segment_entry, update_manifest, write_atomic,
+                                   writer_alive)
+from replay.store.salvage import dead_ranks, salvage
+from replay.store.segments import Part, check_file, outside, part_path, read_stream, scan_parts, sha256_file
 from replay.schema import MANIFEST, RUN_FILE, SCHEMA_VERSION
 from replay.store.weights import WeightStore
 
@@ -424,7 +426,7 @@ def _check_tmp(root: Path, man: dict, repair: bool, rep: _Report) -> None:
 
 def _check_weights(root: Path, rep: _Report) -> None:
     try:
-        table = scan_table("weights", scan_parts(root, ("weights",))["weights"]).dataset.to_table(
+        table = scan_table("weights", scan_parts(root, tables=("weights",))["weights"]).dataset.to_table(
             columns=["version", "sha256", "blob"], filter=pc.field("blob").is_valid())
     except (RecordingError, OSError, pa.ArrowException) as e:
         rep.add("weights", f"weights table unreadable: {one_line(e)}")

@@ -1,4 +1,5 @@
-"""``manifest.json``: read it, and update it from several writer processes safely.
+"""``manifest.json``: the one reader of it (local or through any filesystem), and its safe
+update from several writer processes.
 
 Writers (one per rank, possibly several processes) take an exclusive ``flock`` on
 ``manifest.lock``, read the manifest, change their own rank's entry, and replace
@@ -18,23 +19,26 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from replay.errors import RecordingError
-from replay.schema import MANIFEST, MANIFEST_LOCK, RANK_DIR_RE, SCHEMA_VERSION, rank_lock_path
+import pyarrow.fs as pafs
+
+from replay.errors import RecordingError, one_line
+from replay.schema import MANIFEST, MANIFEST_LOCK, RANK_DIR_RE, RUN_FILE, SCHEMA_VERSION, TABLES, rank_lock_path
+from replay.store.files import LOCAL, Files
 
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def read_manifest(root: Path) -> dict:
+def read_manifest(root: Any, files: Files = LOCAL) -> dict:
     """The manifest of the recording at ``root``; a clear error if missing, corrupt or too new."""
-    path = Path(root) / MANIFEST
+    path = files.path(root) / MANIFEST
     try:
-        data = path.read_bytes()
+        data = files.read_bytes(path)
     except FileNotFoundError:
         raise RecordingError(f"{root} is not a recording: no {MANIFEST}", "not a recording") from None
     except OSError as e:  # a folder named manifest.json, no permission, ...
-        raise RecordingError(f"cannot read {path}: {e.strerror or e}", "unreadable manifest") from None
+        raise RecordingError(f"cannot read {path}: {one_line(e)}", "unreadable manifest") from None
     try:
         man = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -51,6 +55,89 @@ def read_manifest(root: Path) -> dict:
             "recording too new")
     man.setdefault("ranks", {})
     return man
+
+
+def manifest_or_error(root: Any, files: Files = LOCAL) -> dict:
+    """The manifest a reader reads: :func:`read_manifest`, with a plain message when the path is
+    not even a folder, every rank entry an object, the run header (``run.json``) agreeing, and
+    (in a local folder) the ``replay doctor`` command that repairs what is wrong."""
+    root = files.path(root)
+    where = "" if files.local else f" ({files.fs.type_name} filesystem)"
+    kind = files.kind(root)
+    if kind == pafs.FileType.NotFound:
+        raise RecordingError(f"{root} does not exist{where}", "not a recording")
+    if kind != pafs.FileType.Directory:
+        raise RecordingError(f"{root} is not a folder (a recording is a folder with a manifest.json)",
+                             "not a recording")
+    fix = (lambda what: f"; run `replay doctor {root}` to {what}") if files.local else (lambda what: "")
+    try:
+        man = read_manifest(root, files)
+    except RecordingError as e:
+        if e.title == "corrupt manifest":
+            raise RecordingError(f"{e.msg}{fix('rebuild it from the segments')}", e.title) from None
+        if e.title == "not a recording" and any(files.kind(root / t) == pafs.FileType.Directory for t in TABLES):
+            raise RecordingError(f"{root} has segments but no manifest.json{fix('rebuild it from them')}",
+                                 "damaged recording") from None
+        raise
+    ranks = man.get("ranks")
+    if not isinstance(ranks, dict) or not all(isinstance(e, dict) for e in ranks.values()):
+        raise RecordingError(f"{root / MANIFEST} is corrupt: 'ranks' must map each rank "
+                             f"to an object{fix('rebuild it')}", "corrupt manifest")
+    head = run_header(root, files)
+    if head is not None:
+        got = (man.get("run_id"), man.get("created_at"))
+        want = (head.get("run_id"), head.get("created_at"))
+        if got != want:
+            raise RecordingError(f"{root / MANIFEST} is not this recording's: it is run "
+                                 f"{got[0]!r} created {got[1]}, while {RUN_FILE} says run {want[0]!r} "
+                                 f"created {want[1]}{fix('rebuild it')}", "corrupt manifest")
+    return man
+
+
+def run_header(root: Any, files: Files = LOCAL) -> dict | None:
+    """The run's header (``run.json``: run_id, created_at, schema_version, run_config), or None
+    when the recording has none (older recordings) or it cannot be read."""
+    try:
+        head = json.loads(files.read_bytes(files.path(root) / RUN_FILE))
+    except (OSError, ValueError):
+        return None
+    return head if isinstance(head, dict) else None
+
+
+def rank_entries(man: dict) -> dict[int, tuple[str, dict]]:
+    """The manifest's rank entries by rank number: ``{rank: (key, entry)}``.
+
+    Keys may be written ``"0"`` or ``"rank-0000"``; anything else is ignored.
+    """
+    out = {}
+    for key, entry in (man.get("ranks") or {}).items():
+        rank = rank_number(key)
+        if rank is not None:
+            out[rank] = (key, entry if isinstance(entry, dict) else {})
+    return out
+
+
+def listed_segments(man: dict) -> dict[str, dict]:
+    """Closed segments the manifest lists, by path relative to the recording
+    (``table/rank-NNNN/part-NNNNN.arrow``), each with its ``rows``, ``bytes``, ``sha256``."""
+    out: dict[str, dict] = {}
+    for _, entry in rank_entries(man).values():
+        segs = entry.get("segments")
+        items: list = []
+        if isinstance(segs, list):
+            items = segs
+        elif isinstance(segs, dict):  # {table: [entries]}
+            items = [s for v in segs.values() if isinstance(v, list) for s in v]
+        for s in items:
+            if isinstance(s, dict) and isinstance(s.get("path"), str):
+                out[s["path"]] = s
+    return out
+
+
+def segment_entry(table: str, path: Path, rows: int) -> dict:
+    """The manifest record of one closed segment of a local folder (``table`` says where it is listed)."""
+    return {"table": table, "path": f"{table}/{path.parent.name}/{path.name}", "rows": rows,
+            "bytes": path.stat().st_size, "sha256": LOCAL.sha256(path)}
 
 
 @contextlib.contextmanager

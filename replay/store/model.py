@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from replay.errors import BadInput, RecordingError
-from replay.store.salvage import sha256_file as _sha256
+from replay.store.segments import sha256_file as _sha256
 
 MODEL_DIR = "model"
 MODEL_FILE = "model.json"

@@ -1,23 +1,39 @@
-"""Segment files of the recorder's writer.
+"""Segment files: the one implementation of writing, listing and reading them.
 
-A :class:`Segment` is an open Arrow IPC stream ``part-NNNNN.arrows`` (zstd buffers,
-flushed to the OS after every batch). :func:`stream_to_file` closes one into an Arrow
-IPC file ``part-NNNNN.arrow``: the stream's bytes plus a footer (re-encoded when the
-stream cannot be indexed), under a temporary name, fsync, ``os.replace``. The caller deletes the stream once the
-manifest lists the file (:func:`remove_stream`): a reader that sees a closed file with no
-stream beside it can count on the manifest listing it.
+A table's data lies in ``<table>/rank-NNNN/part-NNNNN.arrow`` (closed Arrow IPC files) and
+``part-NNNNN.arrows`` (open Arrow IPC streams).
+
+Writing: a :class:`Segment` is an open stream (zstd buffers, flushed to the OS after every
+batch). :func:`stream_to_file` closes one into a file: the stream's bytes plus a footer
+(re-encoded when the stream cannot be indexed), under a temporary name, fsync,
+``os.replace``. The caller deletes the stream once the manifest lists the file
+(:func:`remove_stream`): a reader that sees a closed file with no stream beside it can count
+on the manifest listing it. The writer and the salvage of a dead writer close segments with
+this same function.
+
+Reading, through any filesystem (:class:`replay.store.files.Files`): :func:`scan_parts` lists
+the segment slots; :func:`read_stream` reads every complete batch of a stream and stops
+cleanly at a torn tail, counting only the bytes after the last complete batch as skipped;
+:func:`check_file` / :func:`file_schema` / :func:`read_file` read closed files.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import struct
-from pathlib import Path
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.ipc as ipc
 
-from replay.schema import SEGMENT_RE, rank_dir
+from replay.errors import RecordingError, one_line
+from replay.schema import RANK_DIR_RE, SEGMENT_RE, STREAM_SUFFIX, TABLES, rank_dir
+from replay.store.files import LOCAL, Files
 
 log = logging.getLogger("replay.record.recorder")
 IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd", use_threads=False)
@@ -104,12 +120,12 @@ def _footer(schema: pa.Schema, blocks: list[tuple[int, int, int, int]]) -> bytes
     return bytes(footer)
 
 
-def _copy_as_file(stream: Path, tmp: Path) -> tuple[int, str]:
+def _copy_as_file(stream: Path, tmp: Path, warn: bool = True) -> tuple[int, str]:
     """Write the IPC file of ``stream`` to ``tmp`` from the stream's bytes; (rows, sha256)."""
     data = stream.read_bytes()
     schema = pa.ipc.open_stream(pa.py_buffer(data)).schema
     blocks, end = _index_stream(memoryview(data))
-    if data[end:] not in (b"", _EOS):
+    if warn and data[end:] not in (b"", _EOS):
         log.warning("segment %s ends in a torn batch (%d bytes): kept the %d batches before it",
                     stream, len(data) - end, len(blocks))
     footer = _footer(schema, blocks)
@@ -128,42 +144,37 @@ def _copy_as_file(stream: Path, tmp: Path) -> tuple[int, str]:
 
 def _reencode_as_file(stream: Path, tmp: Path) -> tuple[int, str]:
     """Write the IPC file of ``stream`` to ``tmp`` batch by batch (decode, encode); (rows, sha256)."""
-    rows = 0
-    with pa.OSFile(str(stream)) as src:
-        reader = pa.ipc.open_stream(src)
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, reader.schema, options=IPC_OPTIONS) as out:
-            while True:
-                try:
-                    batch = reader.read_next_batch()
-                except StopIteration:
-                    break
-                except (pa.ArrowInvalid, OSError):
-                    break  # a torn tail: keep what came before
-                out.write_batch(batch)
-                rows += batch.num_rows
+    contents = read_stream(stream)
+    if contents.schema is None:
+        raise RecordingError(f"segment {stream} has no readable header ({contents.error})", "corrupt segment")
+    with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, contents.schema, options=IPC_OPTIONS) as out:
+        for batch in contents.batches:  # a torn tail is left out: what came before is kept
+            out.write_batch(batch)
     h = hashlib.sha256()
     with open(tmp, "rb+") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
         os.fsync(f.fileno())
-    return rows, h.hexdigest()
+    return contents.rows, h.hexdigest()
 
 
-def stream_to_file(stream: Path, final: Path) -> dict:
+def stream_to_file(stream: Path, final: Path, *, warn: bool = True) -> dict:
     """Turn the IPC stream ``stream`` into the IPC file ``final``; return its manifest entry.
 
     Keeps every complete batch (a torn tail after a write error is dropped), writes
     under a temporary name, fsyncs and replaces. The stream stays: remove it with
     :func:`remove_stream` once the manifest lists the file. Until then readers read the
     stream (an unlisted file is never read); a crash at any point leaves the stream, or
-    the stream and the file, which a salvage lists.
+    the stream and the file, which a salvage lists. ``warn``: log a torn tail or a re-encoding
+    (a salvage reports them itself).
     """
     tmp = final.with_name(f".{final.name}.tmp")
     try:
         try:
-            rows, sha = _copy_as_file(stream, tmp)
+            rows, sha = _copy_as_file(stream, tmp, warn)
         except (ValueError, struct.error, IndexError, pa.ArrowInvalid) as e:
-            log.warning("segment %s: rebuilt by re-encoding its batches (%s)", stream, e)
+            if warn:
+                log.warning("segment %s: rebuilt by re-encoding its batches (%s)", stream, e)
             rows, sha = _reencode_as_file(stream, tmp)
         entry = {"rows": rows, "bytes": tmp.stat().st_size, "sha256": sha}
         os.replace(tmp, final)
@@ -225,3 +236,166 @@ def next_part(root: Path, table: str, rank: int) -> int:
     d = rank_dir(root, table, rank)
     parts = [int(m.group(1)) for p in (d.iterdir() if d.is_dir() else ()) if (m := SEGMENT_RE.match(p.name))]
     return max(parts) + 1 if parts else 0
+
+
+# ---------------------------------------------------------------- listing
+
+@dataclass
+class Part:
+    """One segment slot of one table and rank: its closed file, its open stream, or both."""
+
+    table: str                 # table name, e.g. "rollouts"
+    rank: int                  # writer rank
+    part: int                  # segment number within the rank
+    file: Any = None           # part-NNNNN.arrow, when present (a Path; a POSIX path in a remote filesystem)
+    stream: Any = None         # part-NNNNN.arrows, when present
+
+
+def scan_parts(root: Any, files: Files = LOCAL, tables: tuple[str, ...] = TABLES) -> dict[str, list[Part]]:
+    """Every segment slot of every table, ordered by (rank, part). In a local folder a symbolic
+    link must stay inside the recording (a RecordingError otherwise)."""
+    root = files.path(root)
+    inside = Path(root).resolve() if files.local else None
+    out: dict[str, list[Part]] = {}
+    for table in tables:
+        parts: dict[tuple[int, int], Part] = {}
+        tdir = root / table
+        if inside is not None:
+            _refuse_escape(Path(tdir), inside)
+        for rinfo in files.children(tdir):
+            rm = RANK_DIR_RE.match(rinfo.base_name)
+            if rm is None or rinfo.type != pafs.FileType.Directory:
+                continue
+            rdir = tdir / rinfo.base_name
+            if inside is not None:
+                _refuse_escape(Path(rdir), inside)
+            rank = int(rm.group(1))
+            for info in files.children(rdir):
+                name = info.base_name
+                m = SEGMENT_RE.match(name)
+                if m is None:
+                    continue
+                if inside is not None:
+                    _refuse_escape(Path(rdir) / name, inside)
+                p = parts.setdefault((rank, int(m.group(1))), Part(table, rank, int(m.group(1))))
+                if name.endswith(STREAM_SUFFIX):
+                    p.stream = rdir / name
+                else:
+                    p.file = rdir / name
+        out[table] = [parts[k] for k in sorted(parts)]
+    return out
+
+
+def _refuse_escape(path: Path, inside: Path) -> None:
+    """A symbolic link in a recording must stay inside it: a RecordingError otherwise."""
+    if path.is_symlink():
+        target = path.resolve()
+        if not target.is_relative_to(inside):
+            raise RecordingError(f"{path} is a symbolic link to {target}, outside the recording "
+                                 f"{inside}: refused; remove the link", "path outside recording")
+
+
+def ranks_on_disk(parts: dict[str, list[Part]]) -> set[int]:
+    return {p.rank for ps in parts.values() for p in ps}
+
+
+def part_path(p: Part, path: Any = None) -> str:
+    """The path of ``p``'s closed file (or ``path``) relative to its recording."""
+    f = path if path is not None else p.file
+    return f"{p.table}/{f.parent.name}/{f.name}"
+
+
+def outside(rel: str) -> bool:
+    """Whether a manifest path leaves the recording (absolute, or through ``..``)."""
+    pp = PurePosixPath(rel)
+    return pp.is_absolute() or ".." in pp.parts or "\\" in rel
+
+
+# ---------------------------------------------------------------- reading
+
+@dataclass
+class StreamContents:
+    """What :func:`read_stream` could read from one ``.arrows`` stream."""
+
+    path: Any                                   # the stream read
+    schema: pa.Schema | None                    # None when even the header is unreadable
+    batches: list[pa.RecordBatch] = field(default_factory=list)  # every complete batch
+    good_bytes: int = 0                         # bytes up to the end of the last complete batch
+    size: int = 0                               # file size when read
+    error: str | None = None                    # why reading stopped before the end, if it did
+
+    @property
+    def rows(self) -> int:
+        return sum(b.num_rows for b in self.batches)
+
+    @property
+    def skipped_bytes(self) -> int:
+        return max(0, self.size - self.good_bytes)
+
+
+def read_stream(path: Any, files: Files = LOCAL) -> StreamContents:
+    """Every complete batch of the Arrow IPC stream at ``path``; never raises on bad bytes.
+
+    A missing file raises FileNotFoundError (the writer may just have closed it).
+    """
+    size = files.size(path)
+    out = StreamContents(path=path, schema=None, size=size)
+    with files.open(path) as src:
+        try:
+            reader = ipc.open_stream(src)
+            out.schema = reader.schema
+            out.good_bytes = src.tell()
+        except Exception as e:  # noqa: BLE001 - any malformed header: nothing readable
+            out.error = f"unreadable stream header: {one_line(e)}" if size else None
+            return out
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                out.good_bytes = src.tell()  # a clean end (with or without the end marker)
+                break
+            except Exception as e:  # noqa: BLE001 - a torn or corrupt tail
+                out.error = f"stopped at byte {out.good_bytes}: {one_line(e)}"
+                break
+            out.batches.append(batch)
+            out.good_bytes = src.tell()
+    return out
+
+
+@contextlib.contextmanager
+def _closed_segment(path: Any, files: Files, hint: bool) -> Iterator[ipc.RecordBatchFileReader]:
+    """An IPC file reader of a closed segment; a RecordingError (with the way out, for a local
+    folder, unless ``hint`` is False) if unreadable."""
+    try:
+        with files.open(path) as src:
+            yield ipc.open_file(src)
+    except FileNotFoundError:
+        raise
+    except RecordingError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any malformed file
+        way_out = f"; run `replay doctor {Path(path).parents[2]}` to set it aside" if hint and files.local else ""
+        raise RecordingError(f"segment {path} is not a readable Arrow file ({one_line(e)}){way_out}",
+                             "corrupt segment") from None
+
+
+def read_file(path: Any, files: Files = LOCAL, *, hint: bool = True) -> tuple[pa.Schema, list[pa.RecordBatch]]:
+    """(schema, batches) of a closed segment; RecordingError if it is not readable."""
+    with _closed_segment(path, files, hint) as reader:
+        return reader.schema, [reader.get_batch(i) for i in range(reader.num_record_batches)]
+
+
+def check_file(path: Any, files: Files = LOCAL, *, hint: bool = True) -> tuple[pa.Schema, int, int]:
+    """(schema, batches, rows) of a closed segment; RecordingError if it is not readable."""
+    schema, batches = read_file(path, files, hint=hint)
+    return schema, len(batches), sum(b.num_rows for b in batches)
+
+
+def file_schema(path: Any, files: Files = LOCAL) -> pa.Schema:
+    """The schema of a closed segment, read from its footer only."""
+    with _closed_segment(path, files, True) as reader:
+        return reader.schema
+
+
+def sha256_file(path: Any, files: Files = LOCAL) -> str:
+    return files.sha256(path)

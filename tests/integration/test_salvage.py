@@ -18,7 +18,7 @@ import pytest
 from replay import open_recording
 from replay.store.doctor import doctor
 from replay.store.manifest import read_manifest, writer_alive
-from replay.store.salvage import read_stream
+from replay.store.segments import read_stream
 
 # A training process: rank `rank` records `steps` steps of 4 rollouts (token counts 1..4)
 # and their trainer scores, flushing after each step, then queues one more rollout it

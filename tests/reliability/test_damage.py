@@ -20,7 +20,7 @@ import pytest
 from replay import Recorder, open_recording
 from replay.store.doctor import doctor
 from replay.errors import RecordingError
-from replay.store.salvage import listed_segments
+from replay.store.manifest import listed_segments
 
 STEPS, PER_STEP = 6, 4
 

@@ -11,7 +11,7 @@ import pytest
 
 from replay import Recorder, open_recording
 from replay.errors import BadInput, RecordingError, ReplayError
-from replay.store.salvage import read_stream
+from replay.store.segments import read_stream
 from replay.schema import SCHEMAS, segment_path
 
 
@@ -229,14 +229,16 @@ def test_open_recording_refuses_what_is_not_a_path(bad):
 def test_a_stream_closed_and_listed_between_the_listing_and_the_manifest_read(small):
     """A live writer closes a segment while a reader opens: the reader listed only the stream,
     then read a manifest that lists the closed file. Not damage: the closed file is read."""
-    from replay.store.salvage import LocalFiles, Part, listed_and_intact, manifest_or_error, scan_parts, select_parts
+    from replay.store.manifest import manifest_or_error
+    from replay.store.segments import Part, scan_parts
+    from replay.store.selection import listed_and_intact, select_parts
     from replay.read.views import scan_table
     parts = scan_parts(small)
     seg = parts["trainer"][0].file
     as_listed = {t: ([Part(t, p.rank, p.part, None, p.file.with_suffix(".arrows")) for p in ps]
                      if t == "trainer" else ps) for t, ps in parts.items()}
     man = manifest_or_error(small)
-    sel = select_parts(man, as_listed, LocalFiles)
+    sel = select_parts(man, as_listed)
     assert sel.damage == [] and sel.parts["trainer"][0].stream is not None
     scan = scan_table("trainer", sel.parts["trainer"], {},
                       admit=lambda p, path: listed_and_intact(man, p, path))
