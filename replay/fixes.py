@@ -130,14 +130,15 @@ PRESETS: dict[str, EngineConfig] = {
 }
 
 
-def resolve(preset: str = "v1", fixes: Iterable[str] = ()) -> EngineConfig:
-    """The config of a preset with a set of fixes applied."""
+def resolve(preset: str = "v1", fixes: Iterable[str] = (), *, dtype: str | None = None) -> EngineConfig:
+    """The config of a preset with a set of fixes applied; ``dtype``: in that body dtype (a replay
+    keeps the recorded run's: a preset names semantics, not a model dtype)."""
     if preset not in PRESETS:
         raise BadInput(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}", field="preset")
     cfg = PRESETS[preset]
     for fix in fixes:
         cfg = apply_fix(cfg, fix)
-    return cfg
+    return cfg if dtype is None else dataclasses.replace(cfg, dtype=dtype)
 
 
 def parse_run_name(name: str) -> tuple[str, tuple[str, ...]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from replay.cli.args import model_arg
 from replay.errors import BadInput, ReplayError
 
 HELP = "browse recordings in the terminal UI"
@@ -23,9 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "step and token views, replay panel, SQL console.")
     p.add_argument("path", nargs="?", type=Path, help="recording to open (default: list --root)")
     p.add_argument("--against", type=Path, default=None, help="reference recording to compare with")
-    p.add_argument("--model", type=Path, default=None, metavar="PATH",
-                   help="model folder for replays and diagnoses (default: the one the run config names; "
-                        "give it when the recording was copied away from it)")
+    model_arg(p, type=Path)
     p.add_argument("--root", type=Path, default=None,
                    help="folder the runs screen lists, two levels deep (default: the folder holding "
                         "PATH, else recordings/)")

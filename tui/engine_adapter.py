@@ -6,7 +6,6 @@ made-up numbers. Everything here is plain Python, called from worker threads.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import sys
 from dataclasses import dataclass, field
@@ -79,7 +78,7 @@ def run_replay(req: ReplayRequest, progress: ProgressFn | None = None) -> Replay
     from replay.rerun.replayer import Replayer
 
     with Replayer(req.path, engine=req.engine, python=worker_python(req.engine), model_path=req.model) as rp:
-        cfg = dataclasses.replace(resolve(req.preset, req.fixes), dtype=rp.recorded_config().dtype)
+        cfg = resolve(req.preset, req.fixes, dtype=rp.recorded_config().dtype)
         raw = rp.replay(req.step, cfg, mode="score", progress=progress)
     return ReplayOutcome(req, raw.config.id, raw)
 

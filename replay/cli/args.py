@@ -1,5 +1,7 @@
-"""Argument types of the command line: a bad value is a one-line usage error (exit 2)
-naming the flag's rule, never a value silently replaced or a traceback later."""
+"""Argument types of the command line, and the flags several commands share, declared once.
+
+A bad value is a one-line usage error (exit 2) naming the flag's rule, never a value
+silently replaced or a traceback later."""
 from __future__ import annotations
 
 import argparse
@@ -28,3 +30,41 @@ POSITIVE_INT = number(int, low=1)
 NONNEG_INT = number(int, low=0)
 POSITIVE = number(float, low=0, strict=True)
 NONNEG = number(float, low=0)
+
+
+# ---------------------------------------------------------------- flags several commands share
+
+def config_args(p: argparse.ArgumentParser) -> None:
+    """``--preset`` / ``--fix``: the engine semantics to replay under."""
+    from replay.fixes import FIX_IDS, PRESETS
+
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="engine semantics to replay under (default: the recorded config)")
+    p.add_argument("--fix", action="append", default=[], choices=FIX_IDS, metavar="ID",
+                   help=f"apply a fix (repeatable): {', '.join(FIX_IDS)}")
+
+
+def engine_args(p: argparse.ArgumentParser, *, engine_help: str | None = None,
+                device_help: str | None = None, python: bool = True) -> None:
+    """``--engine`` / ``--python`` / ``--device``: what replays run on."""
+    from replay.engines.base import ENGINES
+
+    p.add_argument("--engine", choices=ENGINES, default="reference", help=engine_help or "engine replays run on")
+    if python:
+        p.add_argument("--python", default=None, metavar="PATH",
+                       help="run the engine in a worker under this interpreter (e.g. a venv with another vLLM)")
+    p.add_argument("--device", default="cpu", help=device_help or "cpu or cuda")
+
+
+MODEL_HELP = ("model folder (default: the model the recording carries, else the one its run config names; "
+              "give it when neither is there)")
+
+
+def model_arg(p: argparse.ArgumentParser, **kw) -> None:
+    """``--model``: the checkpoint replays load."""
+    p.add_argument("--model", default=None, metavar="PATH", help=MODEL_HELP, **kw)
+
+
+def format_arg(p: argparse.ArgumentParser, choices: tuple[str, ...] = ("table", "json"), help: str | None = None) -> None:
+    """``--format``: how the result is printed."""
+    p.add_argument("--format", choices=choices, default="table", help=help or "output format (default: table)")

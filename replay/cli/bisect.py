@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from replay.cli.args import NONNEG, NONNEG_INT, POSITIVE
-from replay.fixes import FIX_IDS
+from replay.cli.args import NONNEG, NONNEG_INT, POSITIVE, config_args, engine_args, format_arg, model_arg
 
 
 def add_parser(subparsers) -> None:
@@ -40,13 +39,11 @@ def add_parser(subparsers) -> None:
                    help="tolerance (tokens: |component|, default the floor's tail bound; layers: max |Δh|)")
     p.add_argument("--component", choices=("auto", "backend", "trainer", "r"), default="auto",
                    help="tokens: rank by backend error, trainer error, or the raw |r| (default: whichever is off)")
-    p.add_argument("--preset", choices=("v0", "v1"), default=None)
-    p.add_argument("--fix", action="append", default=[], choices=FIX_IDS, metavar="ID")
     p.add_argument("--trainer", action="store_true", help="layers: compare with the trainer's model")
-    p.add_argument("--engine", choices=("reference", "vllm"), default="reference")
-    p.add_argument("--python", default=None, metavar="PATH")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    config_args(p)
+    engine_args(p)
+    model_arg(p)
+    format_arg(p)
     p.set_defaults(func=run)
 
 
@@ -65,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         if args.replay:
             res = b.bisect_steps_replay(args.path, preset=args.preset or "v0", fixes=tuple(args.fix),
                                         tol=0.02 if args.tol is None else args.tol, engine=args.engine, device=args.device,
-                                        python=args.python, progress=_progress(args))
+                                        python=args.python, model_path=args.model, progress=_progress(args))
         else:
             res = b.bisect_steps(args.path, args.against, threshold=args.threshold)
     else:
@@ -76,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
             raise BadInput("no onset found to bisect at: give --step N", field="step")
         if args.by == "fixes":
             res = b.bisect_fixes(args.path, step, engine=args.engine, device=args.device, python=args.python,
-                                 progress=_progress(args))
+                                 model_path=args.model, progress=_progress(args))
         elif args.by == "tokens":
             res = b.bisect_tokens(args.path, step, tol=args.tol, request_id=args.request, component=args.component)
         else:
@@ -86,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
                                   fixes=tuple(args.fix) or ("fp32_lm_head",),
                                   against="trainer" if args.trainer else "config",
                                   tol=args.tol if args.tol is not None else (1e-4 if args.trainer else 1e-6),
-                                  engine=args.engine, device=args.device, python=args.python)
+                                  engine=args.engine, device=args.device, python=args.python,
+                                  model_path=args.model)
     if args.format == "json":
         print(to_json(res))
     else:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from replay.cli.args import POSITIVE_INT
+from replay.cli.args import POSITIVE_INT, engine_args
 
 
 def add_parser(subparsers) -> None:
@@ -17,9 +17,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of problems, update positions, sampling")
     p.add_argument("--runs", nargs="+", metavar="RUN",
                    help="runs to make, e.g. v0 v1 v1+fixes v1+processed_logprobs (default: all)")
-    p.add_argument("--engine", choices=("reference", "vllm"), default="reference",
-                   help="engine for the V1 runs (the V0 reference always runs on the reference engine)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    engine_args(p, engine_help="engine for the V1 runs (the V0 reference always runs on the reference engine)",
+                python=False)
     p.add_argument("--jobs", type=POSITIVE_INT, default=None, help="runs in parallel (default: number of CPUs)")
     p.add_argument("--size", choices=("tiny", "small"), default="tiny", help="model size")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",

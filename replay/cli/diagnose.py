@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from replay.cli.args import NONNEG_INT
+from replay.cli.args import NONNEG_INT, engine_args, format_arg, model_arg
 
 
 def add_parser(subparsers) -> None:
@@ -29,18 +29,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--window", default=None, metavar="RANGE",
                    help="steps the backend search replays (default: 3 from the backend's onset, plus the first "
                         "step with an in-flight weight update and the step after it)")
-    p.add_argument("--engine", choices=("reference", "vllm"), default="reference",
-                   help="engine the backend search replays on")
-    p.add_argument("--python", default=None, metavar="PATH", help="run the engine under this interpreter")
-    p.add_argument("--device", default="cpu", help="device for the reference scoring and the replays")
-    p.add_argument("--model", default=None, metavar="PATH", help="model folder (default: the run config's)")
+    engine_args(p, engine_help="engine the backend search replays on",
+                device_help="device for the reference scoring and the replays")
+    model_arg(p)
     p.add_argument("--dtype", default=None, help="the engine's body dtype the floor stands for (default: recorded)")
     p.add_argument("--trainer-dtype", default=None, help="the trainer's dtype (default: recorded, else the engine's)")
     p.add_argument("--no-write", action="store_true",
                    help="keep the reference scores and replays in memory (do not store them in the recording)")
     p.add_argument("--report", default=None, metavar="FILE.md|FILE.html",
                    help="also write the report with PNG plots of the components per step and the worst tokens")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    format_arg(p)
     p.set_defaults(func=run)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from replay import __version__
-from replay.cli.args import NONNEG_INT
+from replay.cli.args import NONNEG_INT, format_arg
 from replay.errors import BadInput, ReplayError
 from replay.schema import SCHEMA_VERSION
 
@@ -35,7 +35,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bisect": ("replay.cli.bisect", "find where a run departs: steps, fixes, tokens, layers"),
     "import": ("replay.cli.importers", "turn another tool's logs into a recording"),
 }
-FORMAT_HELP = "output format (default: table)"
 MAX_ROWS = 200  # rows a `sql` table shows unless --max-rows says otherwise
 
 
@@ -50,7 +49,7 @@ def _salvage_arg(p: argparse.ArgumentParser) -> None:
 
 def _format_arg(p: argparse.ArgumentParser) -> None:
     from replay.output import FORMATS
-    p.add_argument("--format", choices=FORMATS, default="table", help=FORMAT_HELP)
+    format_arg(p, FORMATS)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -4,31 +4,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from replay.cli.args import POSITIVE_INT
-from replay.fixes import FIX_IDS
-
-
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    """--preset / --fix / --engine / --python / --device / --model, shared with ``bisect``."""
-    p.add_argument("--preset", choices=("v0", "v1"), default=None,
-                   help="engine semantics to replay under (default: the recorded config)")
-    p.add_argument("--fix", action="append", default=[], choices=FIX_IDS, metavar="ID",
-                   help=f"apply a fix (repeatable): {', '.join(FIX_IDS)}")
-    p.add_argument("--engine", choices=("reference", "vllm"), default="reference")
-    p.add_argument("--python", default=None, metavar="PATH",
-                   help="run the engine in a worker under this interpreter (e.g. a venv with another vLLM)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--model", default=None, metavar="PATH",
-                   help="model folder (default: the one the run config names)")
+from replay.cli.args import POSITIVE_INT, config_args, engine_args, format_arg, model_arg
 
 
 def config_from_args(args, recorded):
     """The config to replay under: the recorded one, or a preset, with the given fixes."""
-    import dataclasses
 
     from replay.fixes import apply_fix, resolve
 
-    cfg = dataclasses.replace(resolve(args.preset), dtype=recorded.dtype) if args.preset else recorded
+    cfg = resolve(args.preset, dtype=recorded.dtype) if args.preset else recorded
     for f in args.fix:
         cfg = apply_fix(cfg, f)
     return cfg
@@ -74,14 +58,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("path", help="recording folder")
     p.add_argument("--step", required=True, help="step, range A-B, list 1,3,5, or all")
     p.add_argument("--mode", choices=("score", "regenerate"), default="score")
-    add_config_args(p)
+    config_args(p)
+    engine_args(p)
+    model_arg(p)
     p.add_argument("--jobs", type=POSITIVE_INT, default=1, help="replay chunks of the steps in N worker processes")
     p.add_argument("--batch", type=POSITIVE_INT, default=256, metavar="N",
                    help="without prefix caching, replay consecutive steps together, up to N requests per "
                         "engine call (1: one step per call; default 256)")
     p.add_argument("--no-write", action="store_true", help="do not write the replays table")
-    p.add_argument("--format", choices=("table", "json"), default="table",
-                   help="json: one object for --step N, a list of objects for a range, list or all")
+    format_arg(p, help="json: one object for --step N, a list of objects for a range, list or all")
     p.set_defaults(func=run)
 
 

@@ -29,10 +29,9 @@ def default_runs() -> list[str]:
 
 def run_config(name: str, dtype: str) -> EngineConfig:
     from replay.fixes import parse_run_name
-    import dataclasses
 
     preset, fixes = parse_run_name(name)
-    return dataclasses.replace(resolve(preset, fixes), dtype=dtype)
+    return resolve(preset, fixes, dtype=dtype)
 
 
 def prepare_model(out: Path, *, size: str, seed: int, sft_steps: int = 14, sft_lr: float = 3e-3) -> Path:

@@ -254,7 +254,6 @@ def bisect_layers(path: str | Path, step: int, request_id: str, pos: int, *, pre
     (the logprob of the token itself). The hidden states come from forward hooks: in the
     reference engine's forward, or (``engine="vllm"``) inside the running vLLM model, one
     worker process per config."""
-    import dataclasses
 
     from replay.engines.base import ScoreRequest
     from replay.engines.factory import make_engine
@@ -273,7 +272,7 @@ def bisect_layers(path: str | Path, step: int, request_id: str, pos: int, *, pre
                            step=step, request_id=request_id)
         version = req.token_versions[pos] if req.token_versions else plan.serving
         if preset is not None:
-            other = dataclasses.replace(resolve(preset, fixes), dtype=recorded.dtype)
+            other = resolve(preset, fixes, dtype=recorded.dtype)
         else:
             other = recorded
             for f in fixes:
@@ -333,7 +332,7 @@ def _trainer_side(rp, version: int, ids: list[int], req, pos: int):
 
 def bisect_steps_replay(path: str | Path, *, preset: str = "v0", fixes: tuple[str, ...] = (), tol: float = 0.02,
                         engine: str = "reference", device: str = "cpu", python: str | None = None,
-                        progress=None) -> dict:
+                        model_path: str | Path | None = None, progress=None) -> dict:
     """The first step whose recorded logprobs depart from what ``preset`` (+ ``fixes``) gives
     on the same tokens, by binary search over the recorded steps: O(log n) replays.
 
@@ -341,13 +340,12 @@ def bisect_steps_replay(path: str | Path, *, preset: str = "v0", fixes: tuple[st
     ``tol``. The search assumes that once a run departs it stays departed (the usual
     shape of a divergence); the evidence lists every step it replayed.
     """
-    import dataclasses
 
     from replay.fixes import resolve
     from replay.rerun.replayer import Replayer
 
-    with Replayer(path, engine=engine, device=device, python=python) as rp:
-        cfg = dataclasses.replace(resolve(preset, fixes), dtype=rp.recorded_config().dtype)
+    with Replayer(path, engine=engine, device=device, python=python, model_path=model_path) as rp:
+        cfg = resolve(preset, fixes, dtype=rp.recorded_config().dtype)
         steps = rp.steps()
         seen: dict[int, float] = {}
 

@@ -4,7 +4,7 @@
 transformers loads) over ``prompt + output`` and returns, per output token, its
 logprob under one or more *distributions*: the sampler's own (temperature, then
 top-k and top-p renormalised over what survives, as vLLM's sampler and
-:func:`replay.engines._ref_sampling.apply_top_k_top_p` do), the tempered one without
+:func:`replay.engines.sampling.apply_top_k_top_p` do), the tempered one without
 truncation, or any other a hypothesis needs.
 
 **Versions.** Each output token is scored with the weights of the version it was
@@ -355,7 +355,7 @@ def token_logprobs(hidden: Any, head: Any, tokens: Any, dist: Dist, head_dtype: 
     """Logprob of ``tokens`` under ``dist`` of the logits ``head(hidden)`` (float64 out)."""
     import torch
 
-    from replay.engines._ref_sampling import GREEDY_EPS, apply_top_k_top_p
+    from replay.engines.sampling import GREEDY_EPS, apply_top_k_top_p
 
     logits = _logits(hidden, head, head_dtype)
     t = dist.temperature if dist.temperature >= GREEDY_EPS else 1.0

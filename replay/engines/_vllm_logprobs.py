@@ -25,26 +25,22 @@ from replay.engines.base import GenRequest, GenResult
 
 def process_logprobs(raw: np.ndarray, temperature: float = 1.0, top_k: int = -1,
                      top_p: float = 1.0) -> np.ndarray:
-    """Processed logprobs from full-vocabulary raw logprobs ``raw`` (shape ``[..., V]``).
+    """Processed logprobs from full-vocabulary raw logprobs ``raw`` (shape ``[..., V]``), in float64.
 
     Same order as vLLM's sampler: divide by ``temperature``, mask all but the ``top_k``
     largest (``top_k <= 0`` = off), mask the tail outside the ``top_p`` nucleus
-    (``1.0`` = off), renormalise. Masked tokens get ``-inf``. ``temperature <= 0``
-    (greedy) is treated as 1: vLLM's processed logprobs of a greedy request are raw.
+    (``1.0`` = off), renormalise; the truncation is :func:`replay.engines.sampling.apply_top_k_top_p`.
+    Masked tokens get ``-inf``. ``temperature <= 0`` (greedy) is treated as 1: vLLM's processed
+    logprobs of a greedy request are raw.
     """
-    x = np.asarray(raw, dtype=np.float64)
+    import torch
+
+    from replay.engines.sampling import apply_top_k_top_p
+
+    x = torch.as_tensor(np.asarray(raw, dtype=np.float64))
     if temperature > 0:
         x = x / float(temperature)
-    x = _log_softmax(x)
-    vocab = x.shape[-1]
-    if 0 < top_k < vocab:
-        kth = np.sort(x, axis=-1)[..., vocab - top_k][..., None]
-        x = np.where(x < kth, -np.inf, x)
-        x = _log_softmax(x)
-    if top_p < 1.0:
-        x = _top_p_mask(x, top_p)
-        x = _log_softmax(x)
-    return x
+    return torch.log_softmax(apply_top_k_top_p(x, top_k, top_p), -1).numpy()
 
 
 def sampler_logprobs(row: Any, temperature: float, top_k: int, top_p: float) -> np.ndarray:
@@ -68,26 +64,6 @@ def sampler_logprobs(row: Any, temperature: float, top_k: int, top_p: float) -> 
     p = torch.tensor([top_p], dtype=torch.float32) if top_p < 1.0 else None
     x = apply_top_k_top_p(x, k, p)
     return x.log_softmax(dim=-1, dtype=torch.float32)[0].numpy()
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    m = np.max(x, axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore"):
-        return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
-
-
-def _top_p_mask(logprobs: np.ndarray, top_p: float) -> np.ndarray:
-    """vLLM's rule: sort ascending, drop tokens whose inclusive cumulative mass is
-    ``<= 1 - top_p``; the most likely token always stays."""
-    order = np.argsort(logprobs, axis=-1, kind="stable")
-    probs = np.exp(np.take_along_axis(logprobs, order, axis=-1))
-    cum = np.cumsum(probs, axis=-1)
-    drop_sorted = cum <= 1.0 - top_p
-    drop_sorted[..., -1] = False
-    drop = np.zeros_like(drop_sorted)
-    np.put_along_axis(drop, order, drop_sorted, axis=-1)
-    return np.where(drop, -np.inf, logprobs)
 
 
 def full_vocab_row(entry: Mapping[int, Any], vocab_size: int) -> np.ndarray:

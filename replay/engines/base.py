@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
+ENGINES = ("reference", "vllm")            # engines a replay runs on, here or in a worker
+WORKER_ENGINES = ENGINES + ("vllm-v0",)    # V0 runs only in a worker, under an interpreter that has it
+
 
 @dataclass
 class GenRequest:

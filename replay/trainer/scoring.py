@@ -28,8 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from replay.errors import BadInput
-
-HEAD_DTYPES = ("float32", "bfloat16", None)
+from replay.fixes import HEAD_DTYPES
 
 
 @dataclass
@@ -62,9 +61,9 @@ def _check_inputs(prompt_ids_list: Sequence[Sequence[int]], output_ids_list: Seq
         raise BadInput(f"top_p must be in (0, 1], not {top_p!r}", field="top_p")
     if not temperature > 0:
         raise BadInput(f"temperature must be > 0, not {temperature!r}", field="temperature")
-    if lm_head_dtype not in HEAD_DTYPES:
-        raise BadInput(f"lm_head_dtype must be 'float32', 'bfloat16' or None, not {lm_head_dtype!r}",
-                       field="lm_head_dtype")
+    if lm_head_dtype is not None and lm_head_dtype not in HEAD_DTYPES:
+        raise BadInput(f"lm_head_dtype must be one of {', '.join(map(repr, HEAD_DTYPES))} or None (the model's "
+                       f"own), not {lm_head_dtype!r}", field="lm_head_dtype")
 
 
 def _base_and_head(model: Any) -> tuple[Any, Any]:
@@ -130,7 +129,7 @@ def sequence_logprobs_tensor(model: Any, prompt_ids_list: Sequence[Sequence[int]
     picked = torch.gather(hidden, 1, rows.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
     logits = _project(picked, head, lm_head_dtype) / temperature
     if top_k > 0 or top_p < 1.0:
-        from replay.engines._ref_sampling import apply_top_k_top_p
+        from replay.engines.sampling import apply_top_k_top_p
 
         logits = apply_top_k_top_p(logits, top_k, top_p)
     logp_all = torch.log_softmax(logits, dim=-1)

@@ -16,6 +16,7 @@ from textual.widgets import (Button, Checkbox, DataTable, Footer, Header, Label,
 from textual.worker import Worker, WorkerState, get_current_worker
 
 from replay.diagnose.report import unneeded_lines
+from replay.engines.base import ENGINES
 from replay.fixes import FIX_DOC, FIX_IDS
 
 from tui import data, engine_adapter
@@ -25,7 +26,6 @@ from tui.widgets.toggles import MarkedCheckbox, MarkedRadioButton
 from tui.screens.base import BaseScreen
 
 PRESETS = ("v1", "v0")
-ENGINES = ("reference", "vllm")
 
 
 class Cancelled(Exception):
