@@ -47,7 +47,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 from replay.errors import BadInput
 
@@ -358,7 +358,8 @@ def load_model(path: str | Path, dtype: Any = "float32", device: str = "cpu",
     finally:
         if shown:
             hf_logging.enable_progress_bar()
-    return model.to(device).eval()
+    # (transformers wraps PreTrainedModel.to with functools.wraps, which mypy reads as an unbound function)
+    return cast(Any, model).to(device).eval()
 
 
 def load_tokenizer(path: str | Path) -> Any:

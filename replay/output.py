@@ -102,8 +102,8 @@ def table(columns: list[str], rows: Iterable[Iterable[Any]], *,
     With ``max_rows``, rows past it are not shown (pass one extra row to have the
     table say that more exist).
     """
-    rows = [list(r) for r in rows]
-    shown = rows if max_rows is None else rows[:max_rows]
+    listed = [list(r) for r in rows]
+    shown = listed if max_rows is None else listed[:max_rows]
     cells = [[cell(v) for v in r] for r in shown]
     numeric = [all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool)
                    for r in shown if r[i] is not None) for i in range(len(columns))]
@@ -115,10 +115,10 @@ def table(columns: list[str], rows: Iterable[Iterable[Any]], *,
 
     out = [line(list(columns)), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in cells]
-    if len(rows) > len(shown):
+    if len(listed) > len(shown):
         out.append(f"… more rows (first {len(shown)} shown; --max-rows to show more)")
     else:
-        out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+        out.append(f"({len(listed)} row{'s' if len(listed) != 1 else ''})")
     return "\n".join(out)
 
 

@@ -159,7 +159,7 @@ def _export(table, path: Path) -> int:
     return table.num_rows
 
 
-cmd_sql.more_positionals = "args"  # positionals after an option still belong to PATH... QUERY
+vars(cmd_sql)["more_positionals"] = "args"  # positionals after an option still belong to PATH... QUERY
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -249,7 +249,7 @@ def _unavailable(name: str, module: str, why: str) -> Callable[[argparse.Namespa
     def run(args: argparse.Namespace) -> int:
         raise ReplayError(f"command {name!r} needs {module}, which cannot be loaded ({why})",
                           "command unavailable")
-    run.takes_any_args = True  # its real arguments are unknown: do not judge them
+    vars(run)["takes_any_args"] = True  # its real arguments are unknown: do not judge them
     return run
 
 
@@ -321,8 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
     func = getattr(args, "func", None)
-    if extra and getattr(func, "more_positionals", None) and not any(a.startswith("-") for a in extra):
-        getattr(args, func.more_positionals).extend(extra)  # `sql PATH --flag QUERY`
+    more = getattr(func, "more_positionals", None)
+    if extra and more and not any(a.startswith("-") for a in extra):
+        getattr(args, more).extend(extra)  # `sql PATH --flag QUERY`
     elif extra and not getattr(func, "takes_any_args", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")  # exits 2
     if func is None:

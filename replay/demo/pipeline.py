@@ -96,7 +96,8 @@ def run(spec: RunSpec, progress: Callable[[int, int], None] | None = None) -> di
 
         def generate(step: int, serving: int, update: WeightUpdate | None) -> list[dict]:
             problems, _ = schedule[step]
-            reqs, meta = [], []
+            reqs: list[GenRequest] = []
+            meta = []
             for pi, prob in enumerate(problems):
                 for g in range(spec.group_size):
                     rid = f"s{step}-p{pi}-g{g}"
@@ -129,7 +130,7 @@ def run(spec: RunSpec, progress: Callable[[int, int], None] | None = None) -> di
                           weight_version=res.token_versions[-1] if res.token_versions else serving,
                           request_id=res.request_id, finish_reason=res.finish_reason,
                           n_tokens=len(res.output_ids))
-            batch = []
+            batch: list[dict] = []
             for res, (prob, gid) in zip(results, meta):
                 reward = prob.reward(res.output_ids)
                 rec.rollout(step=step, request_id=res.request_id, group_id=gid, prompt_ids=prob.prompt_ids,

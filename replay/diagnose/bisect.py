@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,7 @@ def _step_stats(rec, schema: str, eps: float) -> dict[int, dict]:
     from replay.read.recording import quote_ident
 
     lo, hi = math.log(1 - eps), math.log(1 + eps)
-    rows = rec.sql(f"""
+    rows = rec.query(f"""
         SELECT step, count(*) AS n, avg(abs(log_ratio)) AS m, var_samp(abs(log_ratio)) AS v,
                avg(CASE WHEN log_ratio < {lo} OR log_ratio > {hi} THEN 1.0 ELSE 0.0 END) AS clip
         FROM {quote_ident(schema)}.tokens WHERE lp_trainer IS NOT NULL GROUP BY step ORDER BY step""").fetchall()
@@ -226,7 +227,7 @@ def _tokens_by_r(path: str | Path, step: int, *, tol: float, request_id: str | N
         extra = ""
         if request_id is not None:
             extra, params = "AND t.request_id = ?", [step, request_id]
-        rows = rec.sql(q.format(extra=extra), params).fetchall()
+        rows = rec.query(q.format(extra=extra), params).fetchall()
     if not rows:
         raise BadInput(f"step {step} has no scored tokens" + (f" for request {request_id!r}" if request_id else ""),
                        field="step", step=step, request_id=request_id)
@@ -295,7 +296,7 @@ def bisect_layers(path: str | Path, step: int, request_id: str, pos: int, *, pre
     (sa, lpa), (sb, lpb) = sides
     names = ["embed"] + [f"layer.{i}" for i in range(len(sa) - 1)]
     diffs = [float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) for a, b in zip(sa, sb)]
-    rows = [{"layer": n, "max_abs_diff": d} for n, d in zip(names, diffs)]
+    rows: list[dict[str, Any]] = [{"layer": n, "max_abs_diff": d} for n, d in zip(names, diffs)]
     rows.append({"layer": "lm_head", "max_abs_diff": abs(float(lpa) - float(lpb))})
     first = next((r["layer"] for r in rows if r["max_abs_diff"] > tol), None)
     return {"step": step, "request_id": request_id, "pos": pos, "version": version, "layer": first, "tol": tol,

@@ -93,7 +93,7 @@ def identify_semantics(seqs: Iterable[RefSeq]) -> str:
     as PipelineRL's trainer computes). The one with the smaller mean |lp_trainer - reference|
     at the trainer's version; ``"sampler"`` when the sampler truncates nothing or no trainer
     row is there."""
-    d = {"sampler": [], "untruncated": []}
+    d: dict[str, list[np.ndarray]] = {"sampler": [], "untruncated": []}
     truncated = False
     for s in seqs:
         lt = s.lp_trainer

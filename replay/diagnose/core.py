@@ -77,7 +77,7 @@ def diagnose(path: str | Path, *, against: str | Path | None = None, steps: Sequ
     with open_recording(path) as rec:
         weights = stored_weights(rec)
         update_steps = _changing_updates(rec, {v: w["sha256"] for v, w in weights.items()})
-        ended = {s for (s,) in rec.sql("SELECT DISTINCT step FROM events WHERE kind = 'step_end'").fetchall()}
+        ended = {s for (s,) in rec.query("SELECT DISTINCT step FROM events WHERE kind = 'step_end'").fetchall()}
         stored = sorted(v for v, w in weights.items() if w["blob"])
     backend_test = floor_test(tok.backend, floor_b)
     backend_onset = sequential_onset([r.step for r in rows], [r.backend for r in rows])
@@ -161,7 +161,7 @@ def reference_scorer(path: Path, *, model_path: Any = None, device: str = "cpu")
 def _changing_updates(rec: Any, sha: dict[int, str]) -> list[int]:
     """Steps with a weight update that changes the weights (the new version's hash differs from
     the one serving when the step began): where in-flight effects can show."""
-    rows = rec.sql("""
+    rows = rec.query("""
         SELECT u.step, u.weight_version, s.weight_version FROM events u
         LEFT JOIN (SELECT step, arg_min(weight_version, seq) AS weight_version FROM events
                    WHERE kind = 'step_start' GROUP BY step) s USING (step)
@@ -221,9 +221,9 @@ def _backend(path: Path, ref, rows, off: bool, test, onset, window, update_steps
     base["window"] = steps
     base["layers"] = {f: FIX_LAYER[f] for f in base["fixes"]}
     if res.get("explained") is None and res.get("reason"):
-        off = [r.step for r in rows if r.backend.at_floor is False]
-        base["reason"] += (f"; the backend is off the floor at steps {_steps(off)}: replay some of them with "
-                           "--window" if off else "")
+        off_steps = [r.step for r in rows if r.backend.at_floor is False]
+        base["reason"] += (f"; the backend is off the floor at steps {_steps(off_steps)}: replay some of them with "
+                           "--window" if off_steps else "")
     return base
 
 
@@ -233,7 +233,7 @@ def _steps(steps: Sequence[int]) -> str:
     return _ranges(sorted(steps)) or "none"
 
 
-def _verdict(backend: dict, trainer: dict, untested: list[str]) -> tuple[str, str]:
+def _verdict(backend: dict, trainer: dict, untested: list[tuple[str, str]]) -> tuple[str, str]:
     """The overall verdict and a one-line summary; a side that could not be tested is said so, never
     reported at the floor."""
     b_off = backend["off_floor"]

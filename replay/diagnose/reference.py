@@ -100,13 +100,13 @@ def load_sequences(rec: Any, steps: Sequence[int] | None, notes: list[str] | Non
     from replay.read.views import latest_trainer_sql
 
     where = "" if steps is None else f"WHERE r.step IN ({', '.join(str(int(s)) for s in steps) or 'NULL'})"
-    rows = rec.sql(f"""
+    rows = rec.query(f"""
         WITH tr AS ({latest_trainer_sql('main')})
         SELECT r.step, r.request_id, r.group_id, r.prompt_ids, r.output_ids, r.logprobs, r.token_versions,
                r.temperature, r.top_p, r.top_k, r.num_cached_tokens, t.logprobs, t.weight_version
         FROM rollouts r LEFT JOIN tr t ON r.step = t.step AND r.request_id = t.request_id
         {where} ORDER BY r.step, r.request_id""").fetchall()
-    serving = dict(rec.sql("SELECT step, arg_min(weight_version, seq) FROM events "
+    serving = dict(rec.query("SELECT step, arg_min(weight_version, seq) FROM events "
                            "WHERE kind = 'step_start' AND weight_version IS NOT NULL GROUP BY step").fetchall())
     out, assumed = [], []
     for (step, rid, gid, prompt, output, lps, tv, temp, top_p, top_k, cached, tlp, tver) in rows:
@@ -154,7 +154,7 @@ def _support(lp: np.ndarray) -> np.ndarray:
 
 def stored_weights(rec: Any) -> dict[int, dict]:
     """version -> {"sha256", "blob", "path"} of the weights table (the latest row of each)."""
-    rows = rec.sql("SELECT version, arg_max(sha256, time_ns), arg_max(blob, time_ns), arg_max(path, time_ns) "
+    rows = rec.query("SELECT version, arg_max(sha256, time_ns), arg_max(blob, time_ns), arg_max(path, time_ns) "
                    "FROM weights GROUP BY version").fetchall()
     return {int(v): {"sha256": sha, "blob": blob, "path": p} for v, sha, blob, p in rows}
 
@@ -175,7 +175,8 @@ def _floor_sample(seqs: list[RefSeq]) -> set[tuple[int, str]]:
         # every k-th first, then the rest: the first picks of a step spread over its requests
         stride = max(1, len(members) // 16)
         queues.append([m for r in range(stride) for m in members[r::stride]])
-    out, tokens = set(), 0
+    out: set[tuple[int, str]] = set()
+    tokens = 0
     while any(queues) and (tokens < FLOOR_TOKENS or len(out) < FLOOR_SEQUENCES):
         for q in queues:
             if q:
@@ -212,10 +213,10 @@ def reference_scores(path: str | Path, steps: Sequence[int] | None = None, *, dt
         run_config = rec.run_config()
         body, source = body_dtype_of(run_config, dtype)
         tr_dtype = trainer_dtype_of(run_config, body, trainer_dtype)
-        notes = []
+        notes: list[str] = []
         seqs = load_sequences(rec, steps, notes)
         if not seqs:
-            known = [s for (s,) in rec.sql("SELECT DISTINCT step FROM rollouts ORDER BY step").fetchall()]
+            known = [s for (s,) in rec.query("SELECT DISTINCT step FROM rollouts ORDER BY step").fetchall()]
             raise BadInput(f"no rollouts at the steps asked for ({_show(steps)}); steps with rollouts: "
                            f"{_show(known)}", field="steps")
         weights = stored_weights(rec)
@@ -288,9 +289,9 @@ def _stored(rec: Any, steps: Sequence[int] | None) -> tuple[dict, int, str | Non
     """The latest reference row of each (step, request_id), the highest generation, and the
     trainer semantics of that generation."""
     where = "" if steps is None else f"WHERE step IN ({', '.join(str(int(s)) for s in steps) or 'NULL'})"
-    top = rec.sql("SELECT max(generation), arg_max(trainer_semantics, generation) FROM reference").fetchall()[0]
+    top = rec.query("SELECT max(generation), arg_max(trainer_semantics, generation) FROM reference").fetchall()[0]
     generation = int(top[0]) if top[0] is not None else 0
-    rel = rec.sql(f"""
+    rel = rec.query(f"""
         SELECT step, request_id, ref_key, token_versions, trainer_version, lp_sampler, lp_tempered,
                lp_sampler_tr, lp_tempered_tr, floor, floor_trainer
         FROM reference {where}
@@ -318,7 +319,8 @@ class _WeightCache:
     def __init__(self, rec: Any, budget: int = 1 << 30):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.rec, self.budget, self.cache = rec, budget, OrderedDict()
+        self.rec, self.budget = rec, budget
+        self.cache: OrderedDict[int, tuple[dict, int]] = OrderedDict()  # version -> (state dict, bytes)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="replay-weights")
         self._pending: dict[int, Any] = {}
 

@@ -203,8 +203,8 @@ def plots(res: dict, stem: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(8, 3.6))
     for name, label in (("backend", "|backend error|"), ("semantics", "|semantics|"), ("lag", "|lag|"),
                         ("trainer", "|trainer error|")):
-        ax.plot(steps, [max(r[f"{name}_mean_abs"], 1e-9) if r[f"{name}_mean_abs"] == r[f"{name}_mean_abs"] else None
-                        for r in rows], marker="o", ms=3, label=label)
+        ax.plot(steps, [max(r[f"{name}_mean_abs"], 1e-9) if r[f"{name}_mean_abs"] == r[f"{name}_mean_abs"]
+                        else math.nan for r in rows], marker="o", ms=3, label=label)
     bound = res["components"]["backend"]["test"]["bound"]
     ax.axhline(bound, color="grey", ls="--", lw=1, label="floor bound")
     if res.get("onset_step") is not None:

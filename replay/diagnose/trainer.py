@@ -115,7 +115,7 @@ def _on_record(ref: ReferenceSet, tok: Tokens) -> dict:
     return {"older_than_tokens": older, "rows_of_other_length": len(mism),
             "rows_without_version": sum(1 for s in ref.seqs if s.trainer_row is not None and s.trainer_version is None),
             "example": None if not mism else {"step": mism[0].step, "request_id": mism[0].request_id,
-                                               "values": len(mism[0].trainer_row), "tokens": mism[0].n}}
+                                               "values": len(_trainer_row(mism[0])), "tokens": mism[0].n}}
 
 
 def _probe(seqs: list[RefSeq]) -> list[RefSeq]:
@@ -132,6 +132,12 @@ def _probe(seqs: list[RefSeq]) -> list[RefSeq]:
                 out.append(s)
                 n += s.n
     return out
+
+
+def _trainer_row(s: RefSeq) -> np.ndarray:
+    """The trainer's row of a sequence taken for having one (the probed and the mismatched ones)."""
+    assert s.trainer_row is not None
+    return s.trainer_row
 
 
 def _aligned(s: RefSeq) -> np.ndarray:
@@ -186,21 +192,22 @@ def _test_all(probe: list[RefSeq], have: list[RefSeq], semantics: str, floor: Fl
             out.append(_row("position_shift", _cat(parts), _cat(base), floor, shift=delta))
         # stale weights: another stored version fits the trainer's logprobs
         for d in (-1, -2, -3, 1):
-            cand = [s for s in probe if s.trainer_version is not None and s.trainer_version + d in stored]
+            cand = [(s, s.trainer_version + d) for s in probe
+                    if s.trainer_version is not None and s.trainer_version + d in stored]
             if not cand:
                 continue
-            res = scorer.score([Seq(i, s.prompt_ids, s.output_ids, [star_dist(s, semantics)],
-                                    [s.trainer_version + d] * s.n) for i, s in enumerate(cand)])
-            c = _cat([_sub(_aligned(s), res[i][0]) for i, s in enumerate(cand)])
-            out.append(_row("stale_version", c, base_of(cand), floor, version_offset=d))
+            res = scorer.score([Seq(i, s.prompt_ids, s.output_ids, [star_dist(s, semantics)], [v] * s.n)
+                                for i, (s, v) in enumerate(cand)])
+            c = _cat([_sub(_aligned(s), res[i][0]) for i, (s, _) in enumerate(cand)])
+            out.append(_row("stale_version", c, base_of([s for s, _ in cand]), floor, version_offset=d))
         # loss mask: rows longer than the outputs, aligned past the extra leading values
-        longer = [s for s in probe if len(s.trainer_row) > s.n]
+        longer = [s for s in probe if len(_trainer_row(s)) > s.n]
         if longer:
-            c = _cat([_sub(s.trainer_row[len(s.trainer_row) - s.n:], s.star(semantics)[1]) for s in longer])
-            rest = [s for s in probe if len(s.trainer_row) <= s.n]
+            c = _cat([_sub(_trainer_row(s)[len(_trainer_row(s)) - s.n:], s.star(semantics)[1]) for s in longer])
+            rest = [s for s in probe if len(_trainer_row(s)) <= s.n]
             c_rest = _cat([_sub(_aligned(s), s.star(semantics)[1]) for s in rest])
             out.append(_row("loss_mask", np.concatenate([c, c_rest]), base_of(longer + rest), floor,
-                            rows_longer=len(longer), extra_values=int(np.median([len(s.trainer_row) - s.n
+                            rows_longer=len(longer), extra_values=int(np.median([len(_trainer_row(s)) - s.n
                                                                                 for s in longer]))))
         # head dtype: the trainer's projection in bf16
         res = scorer.score([Seq(i, s.prompt_ids, s.output_ids, [star_dist(s, semantics)], list(s.tr_versions))

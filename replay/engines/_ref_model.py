@@ -129,6 +129,7 @@ def split_state_dict(sd: dict, arch: ArchConfig, dtype: torch.dtype, head_dtype:
                 if k not in layer and not k.endswith("bias")]
     if missing:
         raise BadInput(f"state dict lacks {len(missing)} weight(s), e.g. {missing[0]}", field="state_dict")
+    assert embed is not None and norm is not None and head is not None  # else listed in missing
     return VersionWeights(embed, layers, norm, head)
 
 

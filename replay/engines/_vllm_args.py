@@ -197,7 +197,7 @@ def rpc_capture_layers(worker: Any, on: bool) -> list[Any] | None:
                   for j, layer in enumerate(inner.layers)]
         worker._replay_capture = (hooks, points)
         return None
-    hooks, points = getattr(worker, "_replay_capture", ((), []))
+    hooks, points = getattr(worker, "_replay_capture", ([], []))
     for h in hooks:
         h.remove()
     worker._replay_capture = ((), [])

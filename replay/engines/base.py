@@ -101,7 +101,19 @@ def generate_groups(engine: "Engine", groups: Sequence[GenGroup]) -> list[list[G
     return engine.generate_groups(groups)
 
 
-def groups_by_calls(engine: "Engine", groups: Sequence[GenGroup]) -> list[list[GenResult]]:
+class _CallEngine(Protocol):
+    """The part of :class:`Engine` that :func:`groups_by_calls` drives (read-only: an engine may
+    keep narrower types than the protocol's settable attributes, as VLLMEngine's ``effective``)."""
+
+    @property
+    def version(self) -> int | None: ...
+
+    def activate(self, version: int) -> None: ...
+
+    def generate(self, requests: Sequence[GenRequest], updates: Sequence[WeightUpdate] = ()) -> list[GenResult]: ...
+
+
+def groups_by_calls(engine: _CallEngine, groups: Sequence[GenGroup]) -> list[list[GenResult]]:
     """``generate_groups`` for an engine without batched groups: one ``generate()`` call per
     distinct schedule; groups that start on the same version with the same updates (and no
     request id in common) share a call."""

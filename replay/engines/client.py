@@ -180,9 +180,12 @@ class EngineClient:
         """Write one message; a child that stops reading (hung, pipe full) is killed at ``timeout``."""
         failed: list[BaseException] = []
 
+        stdin = proc.stdin
+        assert stdin is not None  # the worker is started with stdin=PIPE
+
         def write() -> None:
             try:
-                wire.write_message(proc.stdin, data)
+                wire.write_message(stdin, data)
             except (BrokenPipeError, OSError, ValueError) as e:
                 failed.append(e)
 

@@ -118,7 +118,7 @@ class _Group:
     """One group's state during generate_groups(): its serving view, reported version, pending actions."""
 
     view: Any                                # ServingView
-    version: int | None                      # the version reported for the tokens it emits now
+    version: int                             # the version reported for the tokens it emits now
     actions: list[tuple[int, str, int]]
     runs: list[_Running]
 
@@ -297,6 +297,7 @@ class ReferenceEngine:
             self._check_requests(g.requests, "generate")
             view = self._uniform(g.serving) if g.serving is not None else self._view.copy()
             version = int(g.serving) if g.serving is not None else self.version
+            assert version is not None  # __init__ activates the initial version
             runs = [_Running(r, RequestKV.empty(self.arch, len(r.prompt_ids) + r.max_tokens, self._dtype,
                                                 self.device),
                              request_generator(r.seed, self.seed, r.request_id)) for r in g.requests]
@@ -357,7 +358,8 @@ class ReferenceEngine:
         hidden: dict[int, Any] = {}
         pending = list(range(len(runs)))
         while pending:
-            wave, later = [], []
+            wave: list[int] = []
+            later: list[int] = []
             for j in pending:
                 hit = self.cache.peek(prompts[j]) // bs
                 usable = (len(prompts[j]) - 1) // bs
@@ -453,6 +455,7 @@ class ReferenceEngine:
                                      self.config.logprobs_mode)
                     res.logprobs.append(float(lp[tok]))
                     if r.num_topk > 0:
+                        assert res.topk_ids is not None and res.topk_logprobs is not None  # made as lists above
                         ids, vals = top_logprobs(lp, r.num_topk)
                         res.topk_ids.append(ids)
                         res.topk_logprobs.append(vals)

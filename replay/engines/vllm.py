@@ -244,10 +244,10 @@ class VLLMEngine:
     def _gen_params(self, tag: str, r: GenRequest) -> dict[str, Any]:
         from vllm.sampling_params import RequestOutputKind
 
-        params = dict(n=1, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
-                      top_k=r.top_k if r.top_k > 0 else 0, seed=r.seed, logprobs=max(r.num_topk, 0),
-                      stop_token_ids=list(r.stop_token_ids), ignore_eos=self.ignore_eos, detokenize=False,
-                      output_kind=RequestOutputKind.DELTA)
+        params: dict[str, Any] = dict(n=1, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
+                                      top_k=r.top_k if r.top_k > 0 else 0, seed=r.seed, logprobs=max(r.num_topk, 0),
+                                      stop_token_ids=list(r.stop_token_ids), ignore_eos=self.ignore_eos,
+                                      detokenize=False, output_kind=RequestOutputKind.DELTA)
         forced = r.forced_output_ids
         if forced is not None:
             vocab = self.effective["vocab_size"]

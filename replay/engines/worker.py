@@ -39,7 +39,7 @@ import struct
 import sys
 import traceback
 from dataclasses import asdict
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import pyarrow as pa
 
@@ -101,7 +101,7 @@ def decode(data: bytes) -> tuple[str, dict, list[dict]]:
     return call, json.loads(md.get(b"replay.meta", b"{}")), table.to_pylist()
 
 
-def write_message(stream: BinaryIO, data: bytes) -> None:
+def write_message(stream: IO[bytes], data: bytes) -> None:
     stream.write(_LEN.pack(len(data)))
     stream.write(data)
     stream.flush()

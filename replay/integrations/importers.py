@@ -148,8 +148,8 @@ def _versions(value: Any, n: int, where: str, name: str) -> list[int] | None:
         value = value.tolist()
     if isinstance(value, (list, tuple)):
         if len(value) == n:
-            vs = [_version(v) for v in value]
-            return None if any(v is None for v in vs) else vs
+            vs = [v for v in map(_version, value) if v is not None]
+            return vs if len(vs) == n else None
         v = _version(value[-1]) if value else None  # slime: one version per generation call
         return None if v is None else [v] * n
     v = _version(value)

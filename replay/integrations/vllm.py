@@ -83,7 +83,7 @@ def describe_llm(llm: Any, *, weight_update: str = "concurrent") -> EngineInfo:
         head = _dtype_name(mc.head_dtype)
     except Exception:
         head = _dtype_name(getattr(mc, "dtype", "unknown"))
-    settings = {
+    settings: dict[str, Any] = {
         "logprobs_mode": mode,
         "enable_prefix_caching": bool(getattr(cc, "enable_prefix_caching", False)),
         "async_scheduling": bool(getattr(sc, "async_scheduling", False)),

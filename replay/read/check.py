@@ -52,16 +52,16 @@ def check(path: str | os.PathLike) -> dict:
     with open_recording(root) as rec:
         info = rec.info()
         run_cfg = rec.run_config()
-        one = lambda q: rec.sql(q).fetchall()[0]  # noqa: E731
+        one = lambda q: rec.query(q).fetchall()[0]  # noqa: E731
         n_roll, no_tv = one("SELECT count(*), count(*) FILTER (WHERE token_versions IS NULL) FROM rollouts")
-        steps = [s for (s,) in rec.sql("SELECT DISTINCT step FROM rollouts ORDER BY step").fetchall()]
-        ended = {s for (s,) in rec.sql("SELECT DISTINCT step FROM events WHERE kind = 'step_end'").fetchall()}
-        used = {int(v) for (v,) in rec.sql(
+        steps = [s for (s,) in rec.query("SELECT DISTINCT step FROM rollouts ORDER BY step").fetchall()]
+        ended = {s for (s,) in rec.query("SELECT DISTINCT step FROM events WHERE kind = 'step_end'").fetchall()}
+        used = {int(v) for (v,) in rec.query(
             """SELECT DISTINCT v FROM (SELECT unnest(token_versions) AS v FROM rollouts
                UNION ALL SELECT weight_version FROM events WHERE kind = 'weights_update_start'
                UNION ALL SELECT weight_version FROM events WHERE kind = 'step_start') WHERE v IS NOT NULL"""
         ).fetchall()}
-        weights = {int(v): (bool(b), p) for v, b, p in rec.sql(
+        weights = {int(v): (bool(b), p) for v, b, p in rec.query(
             "SELECT version, bool_or(blob IS NOT NULL), any_value(path) FROM weights GROUP BY version").fetchall()}
         n_tr, joined = one("""SELECT (SELECT count(*) FROM trainer),
             (SELECT count(*) FROM rollouts r WHERE EXISTS (SELECT 1 FROM trainer t

@@ -107,12 +107,12 @@ class Recording:
         self._con: duckdb.DuckDBPyConnection | None = duckdb.connect()
         try:
             for m in self._members:
-                self._con.execute(f"CREATE SCHEMA {quote_ident(m.name)}")
+                self._live().execute(f"CREATE SCHEMA {quote_ident(m.name)}")
                 self._load(m)
                 self._create_views(m.name, m.name)
             if len(self._members) == 1:
                 self._create_views("main", self._members[0].name, alias=True)
-            _sandbox(self._con)
+            _sandbox(self._live())
         except BaseException:
             self.close()
             raise
@@ -142,7 +142,7 @@ class Recording:
         m.scans = {t: scan_table(t, sel[t], m.streams, files, admit=admit) for t in TABLES}
         m.weight_rows = None
         for t, scan in m.scans.items():
-            self._con.register(self._internal(m.name, t), scan.dataset)
+            self._live().register(self._internal(m.name, t), scan.dataset)
 
     @staticmethod
     def _select(m: _Member, parts: dict, files) -> dict:
@@ -161,7 +161,7 @@ class Recording:
         return f"__replay_{schema}_{table}"
 
     def _create_views(self, schema: str, member: str, *, alias: bool = False) -> None:
-        con, s = self._con, quote_ident(schema)
+        con, s = self._live(), quote_ident(schema)
         for t in TABLES:
             src = f"{quote_ident(member)}.{t}" if alias else quote_ident(self._internal(member, t))
             con.execute(f"CREATE OR REPLACE VIEW {s}.{t} AS SELECT * FROM {src}")
@@ -177,7 +177,7 @@ class Recording:
             con.execute(f"CREATE OR REPLACE VIEW {s}.step_metrics AS {metrics}")
 
     def _has_view(self, schema: str, view: str) -> bool:
-        rows = self._con.execute(
+        rows = self._live().execute(
             "SELECT count(*) FROM duckdb_views() WHERE schema_name = ? AND view_name = ?",
             [schema, view]).fetchall()
         return rows[0][0] > 0
@@ -231,6 +231,13 @@ class Recording:
             return con.sql(query, params=params) if params is not None else con.sql(query)
         except duckdb.Error as e:
             raise sql_error(e) from e
+
+    def query(self, query: str, params: Any = None) -> duckdb.DuckDBPyRelation:
+        """:meth:`sql` for a query (a statement that returns rows); BadInput for any other."""
+        rel = self.sql(query, params)
+        if rel is None:
+            raise BadInput(f"not a query (it returns no rows): {' '.join(query.split())[:80]}", field="query")
+        return rel
 
     def statements(self, query: str) -> list[str]:
         """The SQL statements of ``query`` in order (none for an empty or comment-only query);

@@ -111,7 +111,7 @@ def _conform(batch: pa.RecordBatch, schema: pa.Schema, where: Path) -> pa.Record
     return pa.RecordBatch.from_arrays(cols, schema=schema)
 
 
-_BOUNDS: dict[tuple[str, int, int], tuple[int, int] | None] = {}  # (path, mtime, size) -> steps
+_BOUNDS: dict[tuple[str, str, int, int], tuple[int, int] | None] = {}  # (files, path, mtime, size) -> steps
 
 
 def _step_bounds(path: Path, files: Files = LOCAL) -> tuple[int, int] | None:
@@ -138,7 +138,7 @@ def _step_bounds(path: Path, files: Files = LOCAL) -> tuple[int, int] | None:
                     mm = pc.min_max(col)
                     a, b = mm["min"].as_py(), mm["max"].as_py()
                     lo, hi = (a, b) if lo is None else (min(lo, a), max(hi, b))
-            bounds = None if lo is None else (int(lo), int(hi))
+            bounds = None if lo is None or hi is None else (int(lo), int(hi))  # (hi is set with lo)
     _BOUNDS[key] = bounds
     return bounds
 

@@ -132,9 +132,9 @@ def _topk_fast(row: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
 
 def _topk_columns(rows: list[dict]) -> list[tuple] | None:
     """:func:`_topk_fast` for a whole batch with a few set operations; None unless all are well-shaped."""
-    ids = [r.get("ids") for r in rows]
-    lps = [r.get("logprobs") for r in rows]
-    pos = [r.get("positions") for r in rows]
+    ids: list[Any] = [r.get("ids") for r in rows]
+    lps: list[Any] = [r.get("logprobs") for r in rows]
+    pos: list[Any] = [r.get("positions") for r in rows]
     if not (set(map(type, ids)) == {np.ndarray} == set(map(type, lps))
             and all(nd == 2 and dtype_ok(dt, "int32") for dt, nd in {(a.dtype, a.ndim) for a in ids})
             and all(dtype_ok(dt, "float32") for dt in {a.dtype for a in lps})
@@ -206,6 +206,7 @@ def build_topk(schema: pa.Schema, items: list[tuple], rank: int, tracker: Any) -
         return Built(None, rejects, 0)
     if flats is None or len(mats) < n_ok:  # calls were dropped after the first concatenation
         flats = _topk_flats(list(mats.values()), check=False)
+    assert flats is not None  # every call left converts: each passed _topk_problem's conversions
     ids, lps, pos = flats
     kept = list(mats)
     counts = np.array([mats[i][0].shape[0] for i in kept], np.int64)

@@ -53,7 +53,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from replay.record import convert as cv
 from replay.record.arrays import snapshot, snapshot_scalar
@@ -63,6 +63,9 @@ from replay.store.manifest import hold_rank_lock, host_id, new_manifest, now_iso
 from replay.store.manifest import run_header
 from replay.schema import RUN_FILE
 from replay.record.validate import Problem, StepTracker, _plain, check_row
+
+if TYPE_CHECKING:
+    from replay.store.weights import WeightStore
 
 log = logging.getLogger("replay.record.recorder")
 RecorderConfig = WriterConfig  # batching, queue bounds and segment size of a Recorder
@@ -188,11 +191,12 @@ class Recorder:
         self._base_counts = dict(man["ranks"][str(rank)].get("counts", {}))
         self._lock = threading.Lock()          # seq of events, strict checks, close
         entry = man["ranks"][str(rank)]
-        self._seq = entry.get("next_seq") if self._status_before == "complete" else None
-        if self._seq is None:  # a new rank, or one whose writer died: continue after its last event
-            self._seq = _last_event_seq(self.path, rank) + 1
+        seq = entry.get("next_seq") if self._status_before == "complete" else None
+        if seq is None:  # a new rank, or one whose writer died: continue after its last event
+            seq = _last_event_seq(self.path, rank) + 1
+        self._seq: int = seq
         self._tracker = StepTracker()          # order checks on the caller (strict mode)
-        self._store = None                     # WeightStore, made on first weights()
+        self._store: WeightStore | None = None  # made on first weights()
         self._weights_last: str | None = None  # sha256 of the last version stored
         self._weights_version: dict[str, int] = {}  # sha256 -> version, for base_version
         # request_id -> step of its rollout, None when rolled out at several (the latest ROLLOUT_STEPS_KEPT),
@@ -420,14 +424,16 @@ class Recorder:
                 info = self._put_weights(state_dict, delta)
             except BadInput as e:
                 row = {"version": version, "step": step, "sha256": None, "path": path}
-                return self._refuse("weights", row, "state_dict", e.msg)
+                self._refuse("weights", row, "state_dict", e.msg)
+                return None
             sha256 = info["sha256"]
         row = {"version": version, "step": step, "sha256": sha256, "path": path,
                "nbytes": info["nbytes"] if info else None, "blob": info["blob"] if info else None,
                "base_version": self._weights_version.get(info["base_sha256"]) if info and info["base_sha256"]
                else None}
         if info is None and sha256 is None:
-            return self._refuse("weights", row, "state_dict", "give state_dict, or sha256 of an external checkpoint")
+            self._refuse("weights", row, "state_dict", "give state_dict, or sha256 of an external checkpoint")
+            return None
         self._submit("weights", row)
         if info is not None and isinstance(version, int):
             self._weights_version.setdefault(info["sha256"], version)
@@ -457,8 +463,9 @@ class Recorder:
             return write_model(self.path, path, weights_sha256=info["sha256"] if info else None,
                                weights_version=version if store_weights else None, store_weights=store_weights)
         except BadInput as e:
-            return self._refuse("weights", {"version": version, "step": step, "sha256": None, "path": str(path)},
-                                e.field or "model", e.msg)
+            self._refuse("weights", {"version": version, "step": step, "sha256": None, "path": str(path)},
+                         e.field or "model", e.msg)
+            return None
 
     def _put_weights(self, state_dict: Any, delta: bool) -> dict:
         from replay.store.weights import WeightStore

@@ -159,8 +159,8 @@ class Writer:
         self._torn: list[tuple[str, Segment]] = []  # segments given up after a write error
         self.final_segments: list[tuple[str, dict]] = []  # (table, entry) of segments closed on close
         self._parts = {t: next_part(self.root, t, rank) if append else 0 for t in SCHEMAS}
-        self.rows = collections.Counter()     # rows written per table
-        self.tokens = collections.Counter()   # tokens written per table
+        self.rows: collections.Counter[str] = collections.Counter()    # rows written per table
+        self.tokens: collections.Counter[str] = collections.Counter()  # tokens written per table
         self.bytes_closed = 0                 # bytes of closed segment files
         self.rejects = 0                      # rows refused by validation
         self.dropped = 0                      # rows lost to errors of this thread

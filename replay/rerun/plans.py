@@ -50,17 +50,17 @@ class StepPlan:
 
 
 def _steps_with_rollouts(rec) -> list[int]:
-    return [s for (s,) in rec.sql("SELECT DISTINCT step FROM rollouts ORDER BY step").fetchall()]
+    return [s for (s,) in rec.query("SELECT DISTINCT step FROM rollouts ORDER BY step").fetchall()]
 
 
 def plan_step(rec, step: int) -> StepPlan:
     """Read step ``step``'s events and rollouts from an open recording."""
     from replay.engines.base import WeightUpdate
 
-    events = rec.sql(
+    events = rec.query(
         "SELECT kind, weight_version, request_id, detail FROM events WHERE step = ? ORDER BY rank, seq",
         [step]).fetchall()
-    rows = rec.sql("""
+    rows = rec.query("""
         SELECT r.request_id, r.group_id, r.prompt_ids, r.output_ids, r.logprobs, r.token_versions,
                r.temperature, r.top_p, r.top_k, r.seed, r.num_cached_tokens, t.logprobs
         FROM rollouts r
@@ -162,7 +162,9 @@ def arrivals(step: int, requests: list[RecordedRequest], updates: list) -> tuple
 
 
 def _ranges(steps: Sequence[int]) -> str:
-    out, start, prev = [], None, None
+    out: list[str] = []
+    start: int | None = None
+    prev = 0  # the last step of the current range (set with start)
     for s in steps:
         if start is None:
             start = prev = s

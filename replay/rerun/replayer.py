@@ -37,7 +37,7 @@ import uuid
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -311,7 +311,7 @@ class Replayer:
 
     def complete_steps(self) -> list[int]:
         """Steps with rollouts whose ``step_end`` is recorded (replayable without ``allow_incomplete``)."""
-        ended = {s for (s,) in self.rec.sql("SELECT DISTINCT step FROM events WHERE kind = 'step_end'").fetchall()}
+        ended = {s for (s,) in self.rec.query("SELECT DISTINCT step FROM events WHERE kind = 'step_end'").fetchall()}
         return [s for s in self.steps() if s in ended]
 
     def replay_range(self, steps: Sequence[int], config: EngineConfig | None = None, *, mode: str = "score",
@@ -336,7 +336,7 @@ class Replayer:
         config = config or self.recorded_config()
         steps = sorted(set(steps))
         if jobs <= 1 or len(steps) < 2:
-            results = []
+            results: list[ReplayResult] = []
             for chunk in self._batches(steps, config, mode, batch, allow_incomplete):
                 before = len(results)
                 if isinstance(chunk[0], StepPlan):
@@ -434,7 +434,7 @@ def _check_mode(mode: str) -> None:
 
 
 @contextlib.contextmanager
-def _interrupt_after():
+def _interrupt_after() -> Iterator[None]:
     """Hold Ctrl-C until the block ends, then raise it: replays are written whole or not at all."""
     import signal
     import threading

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -87,9 +88,11 @@ class _Edits:
                 elif isinstance(segs, list):
                     entry["segments"] = [s for s in segs if not (isinstance(s, dict) and s.get("path") in self.drop)]
             for rank, seg in self.add:
-                key, entry = entries.get(rank, (str(rank), None))
-                if entry is None:
-                    entry = man.setdefault("ranks", {})[key] = {"status": "salvaged", "salvaged_at": now_iso()}
+                if rank in entries:
+                    key, entry = entries[rank]
+                else:
+                    key, entry = str(rank), {"status": "salvaged", "salvaged_at": now_iso()}
+                    man.setdefault("ranks", {})[key] = entry
                     entries[rank] = (key, entry)
                 seg = dict(seg)
                 table = seg.pop("table")
@@ -184,10 +187,10 @@ def _rebuilt_manifest(root: Path) -> tuple[dict, str]:
     head, note = run_header(root), f"run header from {RUN_FILE}"
     if head is None:
         head, note = {}, f"no readable {RUN_FILE}: the run config is lost"
-    man = {"schema_version": head.get("schema_version") if isinstance(head.get("schema_version"), int)
-           else SCHEMA_VERSION, "run_id": head.get("run_id") or root.resolve().name,
-           "created_at": head.get("created_at"), "run_config": head.get("run_config") or {},
-           "ranks": {}, "rebuilt_at": now_iso()}
+    man: dict[str, Any] = {"schema_version": head.get("schema_version") if isinstance(head.get("schema_version"), int)
+                           else SCHEMA_VERSION, "run_id": head.get("run_id") or root.resolve().name,
+                           "created_at": head.get("created_at"), "run_config": head.get("run_config") or {},
+                           "ranks": {}, "rebuilt_at": now_iso()}
     seen: set[str] = set()
     n = 0
     for table, ps in scan_parts(root).items():
@@ -273,6 +276,7 @@ def _check_listed_file(root: Path, table: str, p: Part, want: dict, repair: bool
         elif want.get("sha256") and want["sha256"] != sha256_file(p.file):
             why = "its sha256 differs from the manifest's: the file changed after it was closed"
     if why is None:
+        assert rows is not None  # _readable gives the rows whenever it finds nothing wrong
         rep.counts["closed_segments"] += 1
         rep.counts["rows"] += rows
         if want.get("sha256"):
@@ -301,6 +305,7 @@ def _check_unlisted(root: Path, p: Part, repair: bool, rep: _Report, edits: _Edi
         else:
             rep.add(rel, f"not listed in the manifest (not read) and {why}")
         return
+    assert rows is not None  # _readable gives the rows whenever it finds nothing wrong
     sha = sha256_file(p.file)
     copy_of = hashes.get(sha)
     if copy_of is not None:

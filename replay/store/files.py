@@ -104,7 +104,7 @@ class Files:
 LOCAL = Files()
 
 
-def resolve(path: object, filesystem: pafs.FileSystem | None) -> tuple[Files, Path | PurePosixPath]:
+def resolve(path: str | os.PathLike, filesystem: pafs.FileSystem | None) -> tuple[Files, Path | PurePosixPath]:
     """(files, the recording's root in them) for a local path, a URI (``s3://bucket/run``) or a
     path in an explicit ``filesystem``."""
     if filesystem is not None:
@@ -116,4 +116,4 @@ def resolve(path: object, filesystem: pafs.FileSystem | None) -> tuple[Files, Pa
         except (pa.ArrowException, ValueError) as e:
             raise BadInput(f"cannot open {path}: {one_line(e)}", field="path") from None
         return Files(fs), PurePosixPath(inner.rstrip("/"))
-    return LOCAL, Path(os.fspath(path))  # type: ignore[arg-type]
+    return LOCAL, Path(os.fspath(path))

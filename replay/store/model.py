@@ -50,7 +50,7 @@ def _copied(src: Path) -> list[Path]:
     return out
 
 
-def checkpoint_state_dict(path: str | Path) -> dict:
+def checkpoint_state_dict(path: str | os.PathLike) -> dict:
     """HF-named tensors of the ``*.safetensors`` files of the checkpoint folder ``path``."""
     from safetensors.torch import load_file
 
@@ -76,7 +76,7 @@ def check_no_model(root: str | Path) -> None:
         raise BadInput(f"{root} already holds a model ({path}); record one model per run", field="model")
 
 
-def write_model(root: str | Path, src: str | Path, *, weights_sha256: str | None,
+def write_model(root: str | Path, src: str | os.PathLike, *, weights_sha256: str | None,
                 weights_version: int | None, store_weights: bool) -> dict:
     """Copy ``src``'s small files into ``root/model`` and write ``model.json`` last (a reader
     never sees a half-written model). Returns the ``model.json`` it wrote."""

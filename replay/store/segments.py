@@ -59,7 +59,7 @@ _EOS = _CONT + b"\x00\x00\x00\x00"
 _SCHEMA_MSG, _BATCH_MSG = 1, 3  # flatbuffer MessageHeader union tags
 
 
-def _table_field(buf: bytes, table: int, index: int) -> int | None:
+def _table_field(buf: bytes | bytearray, table: int, index: int) -> int | None:
     """Position of field ``index`` of the flatbuffer table at ``table`` (None when absent)."""
     vtable = table - struct.unpack_from("<i", buf, table)[0]
     if 4 + 2 * index >= struct.unpack_from("<H", buf, vtable)[0]:
@@ -112,6 +112,8 @@ def _footer(schema: pa.Schema, blocks: list[tuple[int, int, int, int]]) -> bytes
     footer = bytearray(data[len(data) - 10 - size:len(data) - 10])
     root = struct.unpack_from("<I", footer, 0)[0]
     field = _table_field(footer, root, 3)  # Footer.recordBatches: [Block]
+    if field is None:
+        raise ValueError("unexpected footer layout")
     vec = field + struct.unpack_from("<I", footer, field)[0]
     if struct.unpack_from("<I", footer, vec)[0] != len(blocks):
         raise ValueError("unexpected footer layout")

@@ -37,7 +37,7 @@ _MAX_ZSTD_RATIO = 40_000  # zstd cannot beat ~32768x (RLE blocks): a larger clai
 _MAX_CHAIN = 10_000  # longest delta chain followed before the store is called corrupt
 
 # safetensors dtype tag -> numpy dtype of the stored bits (BF16 kept as raw uint16 bits)
-_NP_OF_TAG = {
+_NP_OF_TAG: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
     "BF16": np.dtype("<u2"), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
     "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"),

@@ -29,10 +29,13 @@ import os
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from replay.errors import BadInput
 from replay.trainer.captured import Capture, ids_of_keys, order_keys
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_K = 20         # top-k width recorded by default
 DEFAULT_CHUNK = 16384  # vocabulary chunk of the torch path (columns per step)
@@ -234,7 +237,7 @@ class CaptureSink:
         self._buffers: list[Capture | None] = [None] * slots
         self._jobs: "queue.Queue[_Job | None]" = queue.Queue()
         self._error: BaseException | None = None
-        self._stream = None
+        self._stream: torch.cuda.Stream | None = None  # the copy stream, made on the first CUDA capture
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="replay-capture-sink", daemon=True)
         self._thread.start()
@@ -310,6 +313,7 @@ class CaptureSink:
 
     def _record(self, job: _Job) -> None:
         host = job.host
+        assert host is not None  # submit() sets it before it queues the job
         lp = host.logprobs.numpy()
         ent = host.entropy.numpy()
         ids = host.topk_ids.numpy()

@@ -1,6 +1,7 @@
 """The static checks configured in pyproject.toml, run by the suite: ruff's lint rules over the
-tree, and import-linter's contracts (the core never imports the terminal UI; the recorder
-stays light inside a trainer)."""
+tree, mypy over the core package, and import-linter's contracts (the core never imports the
+terminal UI; only the command line imports the command line; the recorder stays light inside
+a trainer)."""
 from __future__ import annotations
 
 import subprocess
@@ -18,6 +19,11 @@ def _run(*cmd: str) -> subprocess.CompletedProcess:
 def test_ruff_finds_nothing():
     r = _run(str(BIN / "ruff"), "check", "replay", "tui", "tests", "benchmarks", "examples")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def test_mypy_finds_nothing_in_the_core():
+    r = _run(str(BIN / "mypy"))
+    assert r.returncode == 0 and r.stdout.startswith("Success"), r.stdout[-4000:] + r.stderr[-2000:]
 
 
 def test_the_import_contracts_hold():
