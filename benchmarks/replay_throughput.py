@@ -73,7 +73,7 @@ def main() -> None:
         n_tok, t0 = 0, time.perf_counter()
         for s in steps:
             res = rp.replay(s, write=False)
-            n_tok += sum(len(r["replayed"]) for r in res.rows)
+            n_tok += sum(len(r.replayed) for r in res.rows)
         t_replay = time.perf_counter() - t0
         model_path = rp.model_path
     b_tok, t_base = baseline(path, model_path, steps)
@@ -98,7 +98,7 @@ def batched(path: Path, steps: list[int], batch: int = 256) -> None:
         for b in (1, batch):
             before, t0 = rp.engine_calls, time.perf_counter()
             res = rp.replay_range(steps, cfg, batch=b, write=False)
-            n = sum(len(r["replayed"]) for x in res for r in x.rows)
+            n = sum(len(r.replayed) for x in res for r in x.rows)
             rates[b], calls[b] = n / (time.perf_counter() - t0), rp.engine_calls - before
     print(f"\n{'range replay under v0 semantics':<52} {'calls':>8} {'tokens/s':>10}")
     for b in rates:

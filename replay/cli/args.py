@@ -65,6 +65,14 @@ def model_arg(p: argparse.ArgumentParser, **kw) -> None:
     p.add_argument("--model", default=None, metavar="PATH", help=MODEL_HELP, **kw)
 
 
+def weights_arg(p: argparse.ArgumentParser) -> None:
+    """``--weights-from``: where the checkpoints of versions recorded by hash only are."""
+    p.add_argument("--weights-from", default=None, metavar="DIR",
+                   help="folder holding the checkpoints of weight versions recorded by hash only (each "
+                        "found by the last part of its recorded path, or its version number, and checked "
+                        "against the recorded hash)")
+
+
 def format_arg(p: argparse.ArgumentParser, choices: tuple[str, ...] = ("table", "json"), help: str | None = None) -> None:
     """``--format``: how the result is printed."""
     p.add_argument("--format", choices=choices, default="table", help=help or "output format (default: table)")

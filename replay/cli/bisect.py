@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from replay.cli.args import NONNEG, NONNEG_INT, POSITIVE, config_args, engine_args, format_arg, model_arg
+from replay.cli.args import NONNEG, NONNEG_INT, POSITIVE, config_args, engine_args, format_arg, model_arg, weights_arg
 
 
 def add_parser(subparsers) -> None:
@@ -43,6 +43,7 @@ def add_parser(subparsers) -> None:
     config_args(p)
     engine_args(p)
     model_arg(p)
+    weights_arg(p)
     format_arg(p)
     p.set_defaults(func=run)
 
@@ -62,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         if args.replay:
             res = b.bisect_steps_replay(args.path, preset=args.preset or "v0", fixes=tuple(args.fix),
                                         tol=0.02 if args.tol is None else args.tol, engine=args.engine, device=args.device,
-                                        python=args.python, model_path=args.model, progress=_progress(args))
+                                        python=args.python, model_path=args.model,
+                                        weights_from=args.weights_from, progress=_progress(args))
         else:
             res = b.bisect_steps(args.path, args.against, threshold=args.threshold)
     else:
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             raise BadInput("no onset found to bisect at: give --step N", field="step")
         if args.by == "fixes":
             res = b.bisect_fixes(args.path, step, engine=args.engine, device=args.device, python=args.python,
-                                 model_path=args.model, progress=_progress(args))
+                                 model_path=args.model, weights_from=args.weights_from, progress=_progress(args))
         elif args.by == "tokens":
             res = b.bisect_tokens(args.path, step, tol=args.tol, request_id=args.request, component=args.component)
         else:
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
                                   against="trainer" if args.trainer else "config",
                                   tol=args.tol if args.tol is not None else (1e-4 if args.trainer else 1e-6),
                                   engine=args.engine, device=args.device, python=args.python,
-                                  model_path=args.model)
+                                  model_path=args.model, weights_from=args.weights_from)
     if args.format == "json":
         print(to_json(res))
     else:

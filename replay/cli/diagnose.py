@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from replay.cli.args import NONNEG_INT, engine_args, format_arg, model_arg
+from replay.cli.args import NONNEG_INT, engine_args, format_arg, model_arg, weights_arg
 
 
 def add_parser(subparsers) -> None:
@@ -32,6 +32,7 @@ def add_parser(subparsers) -> None:
     engine_args(p, engine_help="engine the backend search replays on",
                 device_help="device for the reference scoring and the replays")
     model_arg(p)
+    weights_arg(p)
     p.add_argument("--dtype", default=None, help="the engine's body dtype the floor stands for (default: recorded)")
     p.add_argument("--trainer-dtype", default=None, help="the trainer's dtype (default: recorded, else the engine's)")
     p.add_argument("--no-write", action="store_true",
@@ -53,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     progress = None if args.format == "json" else (lambda msg: print(f"  … {msg}", file=sys.stderr))
     res = diagnose(args.path, against=args.against, steps=steps, window=window, engine=args.engine,
                    device=args.device, python=args.python, dtype=args.dtype, trainer_dtype=args.trainer_dtype,
-                   model_path=args.model, write=not args.no_write, progress=progress)
+                   model_path=args.model, weights_from=args.weights_from, write=not args.no_write,
+                   progress=progress)
     if args.report:
         files = write_report(res, args.report)
         print(f"  … report: {', '.join(map(str, files))}", file=sys.stderr)

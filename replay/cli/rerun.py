@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from replay.cli.args import POSITIVE_INT, config_args, engine_args, format_arg, model_arg
+from replay.cli.args import POSITIVE_INT, config_args, engine_args, format_arg, model_arg, weights_arg
 
 
 def config_from_args(args, recorded):
@@ -61,6 +61,7 @@ def add_parser(subparsers) -> None:
     config_args(p)
     engine_args(p)
     model_arg(p)
+    weights_arg(p)
     p.add_argument("--jobs", type=POSITIVE_INT, default=1, help="replay chunks of the steps in N worker processes")
     p.add_argument("--batch", type=POSITIVE_INT, default=256, metavar="N",
                    help="without prefix caching, replay consecutive steps together, up to N requests per "
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     steps = [] if every else parse_steps(args.step)
     out = []
     with Replayer(args.path, engine=args.engine, device=args.device, python=args.python,
-                  model_path=args.model) as rp:
+                  model_path=args.model, weights_from=args.weights_from) as rp:
         cfg = config_from_args(args, rp.recorded_config())
         for w in rp.warnings:
             print(f"replay: warning: {w}", file=sys.stderr)

@@ -122,10 +122,10 @@ class BackendSearch:
             vs_ref, vs_rec = {}, {}
             for res in results:
                 for row in res.rows:
-                    s = self.by_key.get((res.step, row["request_id"]))
+                    s = self.by_key.get((res.step, row.request_id))
                     if s is None:
                         continue
-                    rep = np.asarray(row["replayed"], np.float64)
+                    rep = np.asarray(row.replayed, np.float64)
                     vs_ref[(s.step, s.request_id)] = _sub(rep, s.lp_sampler)
                     vs_rec[(s.step, s.request_id)] = _sub(rep, s.lp_rollout)
             self._cache[key] = (self._measure(key, cfg, vs_ref), self._measure(key, cfg, vs_rec))

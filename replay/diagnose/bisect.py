@@ -132,7 +132,7 @@ def bisect_steps_components(run: str | Path, **kw) -> dict:
 
 def bisect_fixes(path: str | Path, step: int, *, engine: str = "reference", device: str = "cpu",
                  python: str | None = None, model_path: str | Path | None = None, progress=None,
-                 write: bool = True) -> dict:
+                 write: bool = True, weights_from: str | Path | None = None) -> dict:
     """At ``step``, the minimal set of the fixes the recorded config lacks whose replay brings the
     engine to the exact reference (at the floor), with the ablation table; the backend search of
     :mod:`replay.diagnose.backend` on one step. ``fixes`` is empty and ``explained`` false when
@@ -142,9 +142,11 @@ def bisect_fixes(path: str | Path, step: int, *, engine: str = "reference", devi
     from replay.diagnose.reference import reference_scores
     from replay.rerun.replayer import Replayer
 
-    ref = reference_scores(path, [step], write=write, device=device, model_path=model_path, progress=progress)
+    ref = reference_scores(path, [step], write=write, device=device, model_path=model_path,
+                           weights_from=weights_from, progress=progress)
     floor, _ = floors(ref.seqs)
-    with Replayer(path, engine=engine, device=device, python=python, model_path=model_path) as rp:
+    with Replayer(path, engine=engine, device=device, python=python, model_path=model_path,
+                  weights_from=weights_from) as rp:
         search = BackendSearch(ref, rp.recorded_config(), [step], replayer=rp, floor=floor, write=write,
                                progress=progress)
         res = search.verdict()
@@ -248,7 +250,7 @@ def _tokens_by_r(path: str | Path, step: int, *, tol: float, request_id: str | N
 def bisect_layers(path: str | Path, step: int, request_id: str, pos: int, *, preset: str | None = None,
                   fixes: tuple[str, ...] = ("fp32_lm_head",), against: str = "config", tol: float = 1e-6,
                   engine: str = "reference", device: str = "cpu", python: str | None = None,
-                  model_path: str | Path | None = None) -> dict:
+                  model_path: str | Path | None = None, weights_from: str | Path | None = None) -> dict:
     """For one token, the first layer whose hidden state differs beyond ``tol`` between the
     recorded config and another (``preset`` + ``fixes``; or the trainer's HF model with
     ``against="trainer"``). Positions: ``embed``, ``layer.0`` .. ``layer.{L-1}``, ``lm_head``
@@ -261,7 +263,7 @@ def bisect_layers(path: str | Path, step: int, request_id: str, pos: int, *, pre
     from replay.fixes import apply_fix, resolve
     from replay.rerun.replayer import Replayer, plan_step
 
-    with Replayer(path, engine="reference", device=device, model_path=model_path) as rp:
+    with Replayer(path, engine="reference", device=device, model_path=model_path, weights_from=weights_from) as rp:
         recorded = rp.recorded_config()
         plan = plan_step(rp.rec, step)
         req = next((r for r in plan.requests if r.request_id == request_id), None)
@@ -333,7 +335,8 @@ def _trainer_side(rp, version: int, ids: list[int], req, pos: int):
 
 def bisect_steps_replay(path: str | Path, *, preset: str = "v0", fixes: tuple[str, ...] = (), tol: float = 0.02,
                         engine: str = "reference", device: str = "cpu", python: str | None = None,
-                        model_path: str | Path | None = None, progress=None) -> dict:
+                        model_path: str | Path | None = None, weights_from: str | Path | None = None,
+                        progress=None) -> dict:
     """The first step whose recorded logprobs depart from what ``preset`` (+ ``fixes``) gives
     on the same tokens, by binary search over the recorded steps: O(log n) replays.
 
@@ -345,7 +348,8 @@ def bisect_steps_replay(path: str | Path, *, preset: str = "v0", fixes: tuple[st
     from replay.fixes import resolve
     from replay.rerun.replayer import Replayer
 
-    with Replayer(path, engine=engine, device=device, python=python, model_path=model_path) as rp:
+    with Replayer(path, engine=engine, device=device, python=python, model_path=model_path,
+                  weights_from=weights_from) as rp:
         cfg = resolve(preset, fixes, dtype=rp.recorded_config().dtype)
         steps = rp.steps()
         seen: dict[int, float] = {}

@@ -54,12 +54,14 @@ def backend_window(rows: list, onset: int | None, update_steps: Sequence[int], c
 def diagnose(path: str | Path, *, against: str | Path | None = None, steps: Sequence[int] | None = None,
              window: Sequence[int] | None = None, engine: str = "reference", device: str = "cpu",
              python: str | None = None, dtype: str | None = None, trainer_dtype: str | None = None,
-             model_path: str | Path | None = None, write: bool = True, layers: bool = True,
+             model_path: str | Path | None = None, weights_from: str | Path | None = None, write: bool = True,
+             layers: bool = True,
              progress: Callable[[str], None] | None = None) -> dict:
     """Diagnose the recording at ``path`` over ``steps`` (default: all); see the module doc.
 
     ``window`` overrides the steps the backend search replays (default :func:`backend_window`).
-    ``dtype`` / ``trainer_dtype`` override the body dtypes the floors stand for.
+    ``dtype`` / ``trainer_dtype`` override the body dtypes the floors stand for. ``weights_from``:
+    the folder holding the checkpoints of versions recorded by hash only (:func:`replay.open_recording`).
     """
     from replay.read.recording import open_recording
 
@@ -67,7 +69,7 @@ def diagnose(path: str | Path, *, against: str | Path | None = None, steps: Sequ
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     ref = reference_scores(path, steps, dtype=dtype, trainer_dtype=trainer_dtype, device=device, write=write,
-                           model_path=model_path, progress=progress)
+                           model_path=model_path, weights_from=weights_from, progress=progress)
     timings["reference"] = time.perf_counter() - t0
     tok = C.tokens(ref.seqs, ref.trainer_semantics)
     floor_b, floor_t = C.floors(ref.seqs)
@@ -96,14 +98,15 @@ def diagnose(path: str | Path, *, against: str | Path | None = None, steps: Sequ
     t1 = time.perf_counter()
     out["backend"] = _backend(path, ref, rows, backend_off, backend_test, backend_onset, window, update_steps,
                               ended, floor_b, engine=engine, device=device, python=python, write=write,
-                              model_path=model_path, progress=progress)
+                              model_path=model_path, weights_from=weights_from, progress=progress)
     timings["backend"] = time.perf_counter() - t1
     # ---------------------------------------------------------------- trainer
     t2 = time.perf_counter()
     from replay.diagnose.trainer import trainer_verdict
 
     out["trainer"] = trainer_verdict(ref, tok, floor_t, rows, stored=stored, progress=progress,
-                                     scorer=lambda: reference_scorer(path, model_path=model_path, device=device))
+                                     scorer=lambda: reference_scorer(path, model_path=model_path, device=device,
+                                                                     weights_from=weights_from))
     timings["trainer"] = time.perf_counter() - t2
     # ---------------------------------------------------------------- verdict, onset, tokens, layer
     untested = []
@@ -121,7 +124,8 @@ def diagnose(path: str | Path, *, against: str | Path | None = None, steps: Sequ
     out["layer"] = None
     if layers and which == "backend" and out["tokens"] and engine == "reference":
         t3 = time.perf_counter()
-        out["layer"] = _layer(path, out["tokens"][0], out["backend"], device=device, model_path=model_path)
+        out["layer"] = _layer(path, out["tokens"][0], out["backend"], device=device, model_path=model_path,
+                              weights_from=weights_from)
         timings["layer"] = time.perf_counter() - t3
     if against is not None:
         from replay.diagnose.bisect import bisect_steps
@@ -139,7 +143,8 @@ def diagnose(path: str | Path, *, against: str | Path | None = None, steps: Sequ
 
 
 @contextlib.contextmanager
-def reference_scorer(path: Path, *, model_path: Any = None, device: str = "cpu") -> Iterator[Any]:
+def reference_scorer(path: Path, *, model_path: Any = None, device: str = "cpu",
+                     weights_from: Any = None) -> Iterator[Any]:
     """A :class:`~replay.diagnose.scoring.ReferenceScorer` over the recording's stored weights (read
     ahead of use), closed with the recording on exit."""
     from replay.models import recording_model
@@ -147,7 +152,7 @@ def reference_scorer(path: Path, *, model_path: Any = None, device: str = "cpu")
     from replay.diagnose.reference import _WeightCache
     from replay.diagnose.scoring import ReferenceScorer
 
-    with open_recording(path) as rec:
+    with open_recording(path, weights_from=weights_from) as rec:
         folder = Path(model_path) if model_path else recording_model(path, rec.run_config())
         weights = _WeightCache(rec)
         scorer = ReferenceScorer(folder, weights, prefetch=weights.prefetch, device=device)
@@ -187,7 +192,7 @@ def _components(tok: C.Tokens, backend_test, floor_t) -> dict:
 
 
 def _backend(path: Path, ref, rows, off: bool, test, onset, window, update_steps, ended, floor, *, engine, device,
-             python, write, model_path, progress) -> dict:
+             python, write, model_path, progress, weights_from=None) -> dict:
     from replay.fixes import EngineConfig
     from replay.rerun.replayer import Replayer
 
@@ -196,7 +201,8 @@ def _backend(path: Path, ref, rows, off: bool, test, onset, window, update_steps
                             "window": [], "layers": {}, "first_off_floor": next(
                                 (r.step for r in rows if r.backend.at_floor is False), None)}
     try:
-        with Replayer(path, engine=engine, device=device, python=python, model_path=model_path) as rp:
+        with Replayer(path, engine=engine, device=device, python=python, model_path=model_path,
+                      weights_from=weights_from) as rp:
             recorded: EngineConfig = rp.recorded_config()
             base["already_applied"] = list(recorded.fixes_applied())
             base["recorded_config"] = recorded.to_dict()
@@ -287,7 +293,8 @@ def drill_down(tok: C.Tokens, component: str, n: int = 10) -> list[dict]:
     return out
 
 
-def _layer(path: Path, token: dict, backend: dict, *, device: str, model_path: Any = None) -> dict | None:
+def _layer(path: Path, token: dict, backend: dict, *, device: str, model_path: Any = None,
+           weights_from: Any = None) -> dict | None:
     """Layer bisection of the worst backend token, between the recorded config and it with every
     fix it lacks."""
     from replay.diagnose.bisect import bisect_layers
@@ -297,7 +304,7 @@ def _layer(path: Path, token: dict, backend: dict, *, device: str, model_path: A
         return None
     try:
         res = bisect_layers(path, token["step"], token["request_id"], token["pos"], fixes=tuple(lacking),
-                            device=device, model_path=model_path)
+                            device=device, model_path=model_path, weights_from=weights_from)
     except (ReplayError, BadInput) as e:
         return {"layer": None, "error": str(e)}
     return {"layer": res["layer"], "step": res["step"], "request_id": res["request_id"], "pos": res["pos"],

@@ -200,7 +200,7 @@ def _key(s: RefSeq, setting: str, shas: dict[int, str]) -> str:
 
 def reference_scores(path: str | Path, steps: Sequence[int] | None = None, *, dtype: str | None = None,
                      trainer_dtype: str | None = None, device: str = "cpu", write: bool = True,
-                     model_path: str | Path | None = None,
+                     model_path: str | Path | None = None, weights_from: str | Path | None = None,
                      progress: Callable[[str], None] | None = None) -> ReferenceSet:
     """The reference of every rollout of ``steps`` (default: all), from the recording where it
     is already there, scored (and, with ``write``, stored) where it is not."""
@@ -209,7 +209,7 @@ def reference_scores(path: str | Path, steps: Sequence[int] | None = None, *, dt
 
     path = Path(path)
     t_start = time.perf_counter()
-    with open_recording(path) as rec:
+    with open_recording(path, weights_from=weights_from) as rec:
         run_config = rec.run_config()
         body, source = body_dtype_of(run_config, dtype)
         tr_dtype = trainer_dtype_of(run_config, body, trainer_dtype)
@@ -222,7 +222,8 @@ def reference_scores(path: str | Path, steps: Sequence[int] | None = None, *, dt
         weights = stored_weights(rec)
         need = sorted({int(v) for s in seqs for v in s.versions}
                       | {s.trainer_version for s in seqs if s.trainer_version is not None})
-        absent = [v for v in need if v not in weights or not weights[v]["blob"]]
+        # a version recorded by hash only is read from --weights-from, where one is given
+        absent = [v for v in need if v not in weights or not (weights[v]["blob"] or rec.weights_from)]
         if absent:
             raise RecordingError(_no_weights_message(path, absent, weights), "no stored weights")
         shas = {v: weights[v]["sha256"] for v in need}
@@ -281,7 +282,9 @@ def _no_weights_message(path: Path, absent: list[int], weights: dict[int, dict])
            "needs the weights of every version a token or the trainer used. Without them, what can still be "
            "told: the mismatch per step (`replay sql PATH \"SELECT * FROM step_metrics\"`) and where the run "
            "leaves a reference run (`replay bisect PATH --by steps --against REF`). To supply them, record "
-           "each version with `rec.weights(version=v, state_dict=..., delta=True)`.")
+           "each version with `rec.weights(version=v, state_dict=..., delta=True)`"
+           + ("; for those recorded by hash only, give the folder holding their checkpoints with "
+              "--weights-from DIR." if hashed else "."))
     return msg
 
 

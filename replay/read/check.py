@@ -119,7 +119,8 @@ def check(path: str | os.PathLike) -> dict:
         need("weights", "no weights recorded (and no token or event names a version)", replay_missing)
     if by_hash:
         replay_notes.append(f"version(s) {', '.join(map(str, by_hash))} are recorded by hash only: a replay "
-                            "loads them from their checkpoint path")
+                            "needs --weights-from DIR, the folder holding their checkpoints (each checked "
+                            "against its recorded hash)")
     if steps and not ended:
         need("step_end", "no step_end event: no step is known to be whole", replay_missing)
     elif len(ended & set(steps)) < len(steps):

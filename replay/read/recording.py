@@ -100,8 +100,10 @@ class Recording:
     """One DuckDB connection over one or several recordings. Use :func:`open_recording`."""
 
     def __init__(self, roots: list[Path], names: list[str], *, salvage: bool = False,
-                 files: list[Files] | None = None):
+                 files: list[Files] | None = None, weights_from: str | os.PathLike | None = None):
         self._salvage = salvage
+        # a folder of checkpoints the user named, for versions recorded by hash only
+        self.weights_from = Path(weights_from) if weights_from is not None else None
         files = files or [LOCAL] * len(roots)
         self._members = [_Member(n, r, files=f) for n, r, f in zip(names, roots, files)]
         self._con: duckdb.DuckDBPyConnection | None = duckdb.connect()
@@ -365,10 +367,14 @@ class Recording:
                                  f"(versions recorded: {shown or 'none'})", "no such weights")
         row = table.sort_by([("time_ns", "descending")]).slice(0, 1).to_pylist()[0]
         if not row.get("blob"):
-            where = f" at {row['path']}" if row.get("path") else ""
+            if self.weights_from is not None:
+                from replay.store.weights import load_by_hash
+                return load_by_hash(self.weights_from, int(version), row["sha256"], row.get("path"),
+                                    framework=framework)
+            where = f" (recorded at {row['path']})" if row.get("path") else ""
             raise RecordingError(f"weight version {version} of {m.root} was recorded by hash "
-                                 f"only (sha256 {row['sha256']}); load its checkpoint{where}",
-                                 "weights not stored")
+                                 f"only (sha256 {row['sha256']}); give the folder holding its checkpoint"
+                                 f"{where} with --weights-from DIR", "weights not stored")
         if not m.files.local:
             raise RecordingError(f"weight blobs of {m.root} are read from local folders only: copy "
                                  f"{m.root}/weights to a local recording to load version {version}",
@@ -426,7 +432,7 @@ def _rank_of(path: Path) -> int:
 
 def open_recording(path_or_paths: str | os.PathLike | Iterable[str | os.PathLike], *,
                    salvage: bool = False, names: Iterable[str] | None = None,
-                   filesystem: Any = None) -> Recording:
+                   filesystem: Any = None, weights_from: str | os.PathLike | None = None) -> Recording:
     """Open one recording, or several in one connection (one schema each).
 
     Reading never writes: only the segments the manifest lists are read, each checked
@@ -441,6 +447,10 @@ def open_recording(path_or_paths: str | os.PathLike | Iterable[str | os.PathLike
     Either way the recording is read through pyarrow.fs, read only: nothing is
     salvaged, open segments are read up to their last complete batch, ``writer_alive``
     is unknown (None) and weight blobs cannot be loaded (see docs/distributed.md).
+    ``weights_from``: a folder holding the checkpoints of weight versions recorded by hash only
+    (``rec.weights(version=v, sha256=..., path=...)``); :meth:`Recording.load_weights` reads a
+    version's checkpoint from it (named by the last part of its recorded path, or by its
+    version number) and refuses one without the recorded hash. Nothing else is read from it.
     """
     from replay.store.files import resolve
 
@@ -463,4 +473,4 @@ def open_recording(path_or_paths: str | os.PathLike | Iterable[str | os.PathLike
         f, root = resolve(p if isinstance(p, str) else os.fspath(p), filesystem)
         roots.append(root)
         files.append(f)
-    return Recording(roots, _safe_names(roots, names), salvage=salvage, files=files)
+    return Recording(roots, _safe_names(roots, names), salvage=salvage, files=files, weights_from=weights_from)

@@ -331,10 +331,15 @@ class Writer:
         seg.close()
         self._finalize(table, seg)
 
-    def _finalize(self, table: str, seg: Segment) -> None:
+    def _closed(self, seg: Segment) -> dict:
+        """Close ``seg``'s stream into its file; the file's manifest entry (its stream stays)."""
         final = seg.path.with_suffix(".arrow")
         entry = stream_to_file(seg.path, final)
         entry["path"] = final.relative_to(self.root).as_posix()
+        return entry
+
+    def _finalize(self, table: str, seg: Segment) -> None:
+        entry = self._closed(seg)
         self.bytes_closed += entry["bytes"]
         self.on_segment(table, entry)
         remove_stream(seg.path)  # only now: until the manifest lists the file, its stream is read
@@ -353,15 +358,13 @@ class Writer:
         if not todo:
             return
         with ThreadPoolExecutor(max_workers=min(8, len(todo)), thread_name_prefix="replay-close") as pool:
-            futures = [(table, seg, pool.submit(stream_to_file, seg.path, seg.path.with_suffix(".arrow")))
-                       for table, seg in todo]
-            for table, seg, fut in futures:
+            futures = [(table, pool.submit(self._closed, seg)) for table, seg in todo]
+            for table, fut in futures:
                 try:
                     entry = fut.result()
                 except Exception as e:  # noqa: BLE001 - the stream stays for readers to salvage
                     self._fail(e, f"_finalize({table!r})")
                     continue
-                entry["path"] = seg.path.with_suffix(".arrow").relative_to(self.root).as_posix()
                 self.bytes_closed += entry["bytes"]
                 self.final_segments.append((table, entry))
 

@@ -47,9 +47,25 @@ from replay.fixes import EngineConfig
 from replay.store.manifest import AUX_RANKS
 from replay.metrics import token_metrics
 
-__all__ = ["REPLAY_RANK", "RecordedRequest", "ReplayResult", "Replayer", "StepPlan", "plan_step"]
+__all__ = ["REPLAY_RANK", "RecordedRequest", "ReplayResult", "ReplayedSequence", "Replayer", "StepPlan", "plan_step"]
 
 REPLAY_RANK = AUX_RANKS  # replays are written by their own writer rank, apart from the run's ranks
+
+
+@dataclass
+class ReplayedSequence:
+    """One request of a replayed step: what was recorded, what the trainer scored, what the replay gave."""
+
+    request_id: str
+    recorded: Any                         # the recorded logprobs (float32 array)
+    trainer: Any                          # the trainer's logprobs, None when it did not score it
+    replayed: np.ndarray                  # the replay's logprobs (float32)
+    versions: list[int] | None            # the weight version of each replayed token
+    output_ids: list[int]                 # the tokens replayed (recorded, or regenerated)
+    first_diff: int | None                # first position where the tokens differ from the recording
+    recorded_versions: Any                # the recorded version of each token
+    num_cached_tokens: int | None         # prefix-cache hits of the replay
+    recorded_cached: int | None           # prefix-cache hits the recording saw
 
 
 @dataclass
@@ -61,13 +77,13 @@ class ReplayResult:
     engine: str
     mode: str
     replay_id: str
-    rows: list[dict]                      # request_id, recorded, trainer, replayed, versions, output_ids, first_diff
+    rows: list[ReplayedSequence]          # one per request, in the recorded order
     note: str = ""                        # how the replay was made, where it differs from the recording's path
     effective: dict = dataclasses.field(default_factory=dict)  # what the engine really ran with (vLLM: block size, ...)
     cache_compared: bool = True           # False: scored without the generation path (no prefix-cache hits to compare)
 
     def _cat(self, key: str) -> np.ndarray:
-        parts = [np.asarray(r[key], np.float64) for r in self.rows if r.get(key) is not None]
+        parts = [np.asarray(getattr(r, key), np.float64) for r in self.rows if getattr(r, key) is not None]
         return np.concatenate(parts) if parts else np.zeros(0)
 
     def summary(self) -> dict:
@@ -83,8 +99,8 @@ class ReplayResult:
                                "mode": self.mode, "n_sequences": len(self.rows)}
         if self.effective:
             out["engine_effective"] = self.effective
-        pairs = [(int(r["recorded_cached"]), int(r["num_cached_tokens"])) for r in self.rows
-                 if r.get("recorded_cached") is not None and r.get("num_cached_tokens") is not None]
+        pairs = [(int(r.recorded_cached), int(r.num_cached_tokens)) for r in self.rows
+                 if r.recorded_cached is not None and r.num_cached_tokens is not None]
         if self.cache_compared and pairs:   # the KV the recording saw vs the KV the replay had
             out["prefix_cache"] = {"requests": len(pairs),
                                    "requests_differ": sum(a != b for a, b in pairs),
@@ -99,15 +115,14 @@ class ReplayResult:
                                "exact": bool(same.all()), "n_tokens": int(len(d)),
                                "outside_support": int((~np.isfinite(rep)).sum())}
         if self.mode == "regenerate":
-            diffs = [r["first_diff"] for r in self.rows]
+            diffs = [r.first_diff for r in self.rows]
             out["fidelity"] = {"identical_sequences": sum(d is None for d in diffs),
                                "first_diff": min((d for d in diffs if d is not None), default=None)}
-        trainer_rows = [r for r in self.rows if r.get("trainer") is not None
-                        and len(r["trainer"]) == len(r["recorded"])]
+        trainer_rows = [r for r in self.rows if r.trainer is not None and len(r.trainer) == len(r.recorded)]
         if trainer_rows and self.mode == "score":
-            tr = np.concatenate([np.asarray(r["trainer"], np.float64) for r in trainer_rows])
-            recd = np.concatenate([np.asarray(r["recorded"], np.float64) for r in trainer_rows])
-            repd = np.concatenate([np.asarray(r["replayed"], np.float64) for r in trainer_rows])
+            tr = np.concatenate([np.asarray(r.trainer, np.float64) for r in trainer_rows])
+            recd = np.concatenate([np.asarray(r.recorded, np.float64) for r in trainer_rows])
+            repd = np.concatenate([np.asarray(r.replayed, np.float64) for r in trainer_rows])
             ok = np.isfinite(tr) & np.isfinite(recd)   # the recording's own metrics: whatever the config
             inside = ok & np.isfinite(repd)
             out["recorded"] = {**token_metrics(tr[ok], recd[ok]), "n_tokens": int(ok.sum())}
@@ -120,7 +135,7 @@ class Replayer:
     """Replays steps of one recording; keeps one engine per config."""
 
     def __init__(self, path: str | Path, *, engine: str = "reference", device: str = "cpu",
-                 python: str | None = None, model_path: str | Path | None = None):
+                 python: str | None = None, model_path: str | Path | None = None, weights_from: str | Path | None = None):
         from replay.models import check_device
         from replay.read.recording import open_recording
 
@@ -130,7 +145,7 @@ class Replayer:
         self.kind = engine
         self.device = device
         self.python = python
-        self.rec = open_recording(self.path)
+        self.rec = open_recording(self.path, weights_from=weights_from)
         try:
             self.model_path = Path(model_path) if model_path else self._model_path()
         except BaseException:
@@ -277,19 +292,19 @@ class Replayer:
 
     def _result(self, plan: StepPlan, results, config: EngineConfig, mode: str, note: str = "") -> ReplayResult:
         by_id = {r.request_id: r for r in results}
-        rows = []
+        rows: list[ReplayedSequence] = []
         for r in plan.requests:
             res = by_id[r.request_id]
             out = list(res.output_ids) if mode == "regenerate" else list(r.output_ids)
             first = next((i for i, (a, b) in enumerate(zip(out, r.output_ids)) if a != b), None)
             if first is None and len(out) != len(r.output_ids):
                 first = min(len(out), len(r.output_ids))
-            rows.append({"request_id": r.request_id, "recorded": r.logprobs,
-                         "trainer": r.trainer_logprobs, "replayed": np.asarray(res.logprobs, np.float32),
-                         "versions": list(res.token_versions) if res.token_versions else None,
-                         "output_ids": out, "first_diff": first, "recorded_versions": r.token_versions,
-                         "num_cached_tokens": res.num_cached_tokens,
-                         "recorded_cached": r.num_cached_tokens})
+            rows.append(ReplayedSequence(
+                request_id=r.request_id, recorded=r.logprobs, trainer=r.trainer_logprobs,
+                replayed=np.asarray(res.logprobs, np.float32),
+                versions=list(res.token_versions) if res.token_versions else None,
+                output_ids=out, first_diff=first, recorded_versions=r.token_versions,
+                num_cached_tokens=res.num_cached_tokens, recorded_cached=r.num_cached_tokens))
         return ReplayResult(step=plan.step, config=config, engine=self.kind, mode=mode,
                             replay_id=uuid.uuid4().hex[:12], rows=rows, note=note)
 
@@ -356,7 +371,7 @@ class Replayer:
             chunks = [steps[i * len(steps) // n:(i + 1) * len(steps) // n] for i in range(n)]
             args = dict(path=str(self.path), kind=self.kind, device=self.device, python=self.python,
                         model_path=str(self.model_path), config=config.to_dict(), mode=mode, batch=batch,
-                        allow_incomplete=allow_incomplete)
+                        allow_incomplete=allow_incomplete, weights_from=self.rec.weights_from)
             results = []
             with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn")) as pool:
                 for done, chunk in enumerate(pool.map(_replay_chunk, [dict(args, steps=c) for c in chunks])):
@@ -406,10 +421,10 @@ class Replayer:
         with _interrupt_after(), Recorder(self.path, rank=REPLAY_RANK, mode="append") as w:
             for result in results:
                 for row in result.rows:
-                        w.replay(step=result.step, request_id=row["request_id"], engine_config=result.config.id,
+                        w.replay(step=result.step, request_id=row.request_id, engine_config=result.config.id,
                              config=json.dumps(result.config.to_dict(), sort_keys=True), engine=result.engine,
-                             mode=result.mode, replay_id=result.replay_id, logprobs=row["replayed"],
-                             output_ids=row["output_ids"], first_diff=row["first_diff"])
+                             mode=result.mode, replay_id=result.replay_id, logprobs=row.replayed,
+                             output_ids=row.output_ids, first_diff=row.first_diff)
         self.rec.refresh()
 
     def close(self) -> None:
@@ -460,7 +475,7 @@ def _replay_chunk(args: dict) -> list[ReplayResult]:
 
     torch.set_num_threads(1)
     with Replayer(args["path"], engine=args["kind"], device=args["device"], python=args["python"],
-                  model_path=args["model_path"]) as rp:
+                  model_path=args["model_path"], weights_from=args["weights_from"]) as rp:
         cfg = EngineConfig.from_dict(args["config"])
         return rp.replay_range(args["steps"], cfg, mode=args["mode"], batch=args["batch"], write=False,
                                allow_incomplete=args["allow_incomplete"])

@@ -394,3 +394,62 @@ class WeightStore:
                            field="framework")
         return deserialize_state_dict(self.load_bytes(blob, sha256), framework=framework,
                                       source=f"weight blob {blob!r}")
+
+
+# ---------------------------------------------------------------- weights recorded by hash
+
+def checkpoint_candidates(folder: Path, version: int, recorded_path: str | None) -> list[Path]:
+    """Where, inside ``folder``, the checkpoint of a version recorded by hash may be: the last
+    part of its recorded path (``s3://ckpt/step-3`` → ``folder/step-3``), then the version
+    number (``folder/3``), each a folder of ``*.safetensors`` or one ``.safetensors`` file; then
+    ``folder`` itself when it is a single checkpoint. Nothing outside ``folder`` is read."""
+    names: list[str] = []
+    if recorded_path:
+        last = str(recorded_path).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+        if last not in ("", ".", ".."):
+            names.append(last)
+    names.append(str(int(version)))
+    out: list[Path] = []
+    for name in dict.fromkeys(names):
+        for p in (folder / name, folder / f"{name}.safetensors"):
+            if p not in out:
+                out.append(p)
+    return out + [folder]
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any] | None:
+    from safetensors.torch import load_file  # torch: bfloat16 tensors have no numpy dtype
+
+    files = [path] if path.is_file() and path.suffix == ".safetensors" else \
+        sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not files:
+        return None
+    sd: dict[str, Any] = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    return sd
+
+
+def load_by_hash(folder: str | os.PathLike, version: int, sha256: str, recorded_path: str | None = None, *,
+                 framework: str = "torch") -> dict[str, Any]:
+    """The state dict of weight ``version``, recorded by its hash only, from its checkpoint in
+    ``folder`` (:func:`checkpoint_candidates`), refused unless it has the recorded ``sha256``
+    (the content address :func:`sha256_of` gives)."""
+    base = Path(folder)
+    if not base.is_dir():
+        raise BadInput(f"--weights-from {base}: not a folder", field="weights_from")
+    tried: list[str] = []
+    for cand in checkpoint_candidates(base, version, recorded_path):
+        sd = _read_checkpoint(cand)
+        if sd is None:
+            continue
+        data = serialize_state_dict(sd)
+        got = hashlib.sha256(data).hexdigest()
+        if got == sha256:
+            return deserialize_state_dict(data, framework=framework, source=str(cand))
+        tried.append(f"{cand} hashes to {got[:12]}")
+    where = "; ".join(tried) if tried else (
+        "no checkpoint found at " + ", ".join(str(c) for c in checkpoint_candidates(base, version, recorded_path)))
+    raise RecordingError(f"weight version {version} was recorded by hash only (sha256 {sha256[:12]}, path "
+                         f"{recorded_path or 'not recorded'}) and no checkpoint in {base} has that hash: {where}",
+                         "weights not found")

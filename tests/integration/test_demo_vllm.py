@@ -61,7 +61,7 @@ with Replayer({str(out / 'v1')!r}, engine="vllm") as rp:
     calls = rp.engine_calls
     many = rp.replay_range([0, 1], cfg, write=False)
     print(json.dumps({{"calls": [calls, rp.engine_calls - calls],
-                      "diff": max(float(abs(a["replayed"] - b["replayed"]).max())
+                      "diff": max(float(abs(a.replayed - b.replayed).max())
                                   for x, y in zip(one, many) for a, b in zip(x.rows, y.rows)),
                       "steps": [r.step for r in many], "n": [len(r.rows) for r in many]}}))
 """

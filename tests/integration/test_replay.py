@@ -215,7 +215,7 @@ def test_a_range_in_two_worker_processes_equals_one_engine_in_order(runs, tmp_pa
     assert [r.step for r in par] == steps
     for a, b in zip(seq, par):
         for ra, rb in zip(a.rows, b.rows):
-            assert np.array_equal(ra["replayed"], rb["replayed"])
+            assert np.array_equal(ra.replayed, rb.replayed)
         assert b.summary()["fidelity"]["exact"]
     with open_recording(path) as rec:
         n = rec.sql("SELECT count(DISTINCT step) FROM replays").fetchall()[0][0]
@@ -238,10 +238,10 @@ def test_steps_batched_into_one_call_equal_step_by_step(runs, mode):
     assert seen == [f"steps {steps[0]}-{steps[-1]} replayed ({len(steps)}/{len(steps)})"]
     assert [r.step for r in many] == steps
     for a, b in zip(one, many):
-        assert [r["request_id"] for r in a.rows] == [r["request_id"] for r in b.rows]
+        assert [r.request_id for r in a.rows] == [r.request_id for r in b.rows]
         for ra, rb in zip(a.rows, b.rows):
-            assert np.array_equal(ra["replayed"], rb["replayed"]) and ra["output_ids"] == rb["output_ids"]
-            assert ra["versions"] == rb["versions"]
+            assert np.array_equal(ra.replayed, rb.replayed) and ra.output_ids == rb.output_ids
+            assert ra.versions == rb.versions
         fid = b.summary()["fidelity"]
         assert fid["exact"] if mode == "score" else fid["first_diff"] is None
 
@@ -259,7 +259,7 @@ def test_batches_hold_whole_steps_up_to_the_request_limit(runs):
         assert rp.engine_calls == -(-len(steps) // 2)
         one = rp.replay_range(steps, v0, batch=1, write=False)
         for a, b in zip(one, two):
-            assert all(np.array_equal(x["replayed"], y["replayed"]) for x, y in zip(a.rows, b.rows))
+            assert all(np.array_equal(x.replayed, y.replayed) for x, y in zip(a.rows, b.rows))
         before = rp.engine_calls
         rp.replay_range(steps, write=False)
         assert rp.engine_calls - before == len(steps)

@@ -20,7 +20,9 @@ from replay import Recorder
 from replay.fixes import resolve
 
 
-def _run(root: Path, model: Path, *, store_weights: bool = True) -> Path:
+def _run(root: Path, model: Path, *, store_weights: bool = True, hashed: Path | None = None) -> Path:
+    """The recording; ``hashed``: version 1 recorded by hash only, its checkpoint written there
+    (``<hashed>/step-1/model.safetensors``, its recorded path ``s3://bucket/ckpt/step-1``)."""
     from replay.engines.base import GenRequest, WeightUpdate
     from replay.engines.reference import ReferenceEngine
     from replay.models import load_state_dict
@@ -34,7 +36,15 @@ def _run(root: Path, model: Path, *, store_weights: bool = True) -> Path:
                        top_p=0.9, seed=i) for i in range(4)]
     with Recorder(root, run_config=run_config, strict=True) as rec:
         rec.model(model, store_weights=store_weights)
-        rec.weights(version=1, step=0, state_dict=sd1)
+        if hashed is None:
+            rec.weights(version=1, step=0, state_dict=sd1)
+        else:
+            from safetensors.torch import save_file
+
+            from replay.store.weights import sha256_of
+            (hashed / "step-1").mkdir(parents=True)
+            save_file({k: v.contiguous() for k, v in sd1.items()}, str(hashed / "step-1" / "model.safetensors"))
+            rec.weights(version=1, step=0, sha256=sha256_of(sd1), path="s3://bucket/ckpt/step-1")
         eng.load_weights(1, sd1, activate=False)
         with rec.step(0, weight_version=0):
             rec.event("weights_update_start", step=0, weight_version=1, mode="concurrent", after_step=3)
@@ -122,3 +132,34 @@ def test_a_second_model_is_refused_before_its_weights_are_stored(tmp_path, check
             rec.model(checkpoint, version=7)
     with open_recording(tmp_path / "r") as r:
         assert r.sql("SELECT version FROM weights").fetchall() == [(0,)]
+
+
+def test_weights_recorded_by_hash_replay_from_the_folder_given(tmp_path, checkpoint):
+    """A version recorded by its hash only replays with --weights-from, the folder its checkpoint
+    is in (found by the last part of its recorded path, checked against the recorded hash);
+    without it, or with a checkpoint of other weights, the command says which version and why."""
+    ckpts = tmp_path / "ckpts"
+    rec = _run(tmp_path / "run", checkpoint, hashed=ckpts)
+    proc = _cli("check", str(rec), "--format", "json")
+    rerun = json.loads(proc.stdout)["commands"]["rerun"]
+    assert rerun["ready"] and any("--weights-from" in n and "1" in n for n in rerun["notes"]), rerun
+    proc = _rerun(rec)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "version 1" in err[-1] and "hash only" in err[-1] and "--weights-from" in err[-1]
+    proc = _cli("rerun", str(rec), "--step", "0", "--format", "json", "--weights-from", str(ckpts))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["fidelity"]["exact"] is True
+    proc = _cli("diagnose", str(rec), "--no-write", "--format", "json")
+    assert proc.returncode == 1 and "--weights-from" in proc.stderr.strip().splitlines()[-1]
+    proc = _cli("diagnose", str(rec), "--no-write", "--format", "json", "--weights-from", str(ckpts))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["scoring"]["sequences_scored"] == 4
+    # the folder named holds a checkpoint of other weights under that name: refused by hash
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(ckpts / "step-1" / "model.safetensors"))
+    save_file({k: v * 1.01 for k, v in sd.items()}, str(ckpts / "step-1" / "model.safetensors"))
+    proc = _cli("rerun", str(rec), "--step", "0", "--weights-from", str(ckpts))
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "version 1" in err[-1] and "hashes to" in err[-1] and "step-1" in err[-1]

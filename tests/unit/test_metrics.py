@@ -266,13 +266,14 @@ def test_a_replays_recorded_metrics_do_not_depend_on_the_replayed_support():
     """Tokens a replayed config could not have sampled (-inf there) are counted, left out of the
     replayed metrics only: the recorded metrics are the same whatever config is replayed."""
     from replay.fixes import resolve
-    from replay.rerun.replayer import ReplayResult
+    from replay.rerun.replayer import ReplayedSequence, ReplayResult
 
     rec, tr = [-0.5, -1.0, -0.2, -0.7], [-0.4, -1.1, -0.2, -0.9]
 
     def result(replayed):
         return ReplayResult(step=0, config=resolve("v1"), engine="reference", mode="score", replay_id="x",
-                            rows=[{"request_id": "a", "recorded": rec, "trainer": tr, "replayed": replayed}])
+                            rows=[ReplayedSequence("a", rec, tr, np.asarray(replayed, np.float32), None, [1, 2, 3, 4],
+                                                   None, None, None, None)])
     inside = result([-0.5, -1.0, -0.2, -0.7]).summary()
     outside = result([-0.5, float("-inf"), -0.2, float("-inf")]).summary()
     assert inside["recorded"] == outside["recorded"]
