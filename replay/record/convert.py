@@ -167,8 +167,7 @@ def _topk_flats(mats: list, check: bool) -> tuple[np.ndarray, np.ndarray, np.nda
     except ConversionError:
         return None
     lps = _concat([m[1].ravel() for m in mats], np.float32).astype(np.float32, copy=False)
-    if check and lps.size and not (ids.min() >= 0 and np.isfinite(lps).all() and lps.max() <= v.LOGPROB_MAX
-                                   and (pos.size == 0 or pos.min() >= 0)):
+    if check and v.check_topk_values(ids, lps, pos) is not None:
         return None
     return ids, lps, pos
 

@@ -132,21 +132,13 @@ _SCALAR_ITEMS = {t: [(n, tag, req, _FAST[tag]) for n, (tag, req) in f.items()] f
 
 
 def check_scalars(table: str, row: dict) -> Problem | None:
-    """Normalise the scalar fields of ``row`` in place (numpy/tensor -> Python) and check them."""
-    for name, tag, required, fast in _SCALAR_ITEMS.get(table, ()):
-        x = row.get(name)
-        if x is None:
-            if required:
-                return Problem(name, "required field is missing")
-            continue
-        if type(x) not in fast:
-            x = row[name] = scalar(x)
-        elif tag == "real":
-            continue  # a float or an int: nothing more to check
-        reason = _scalar_reason(tag, x)
-        if reason:
-            return Problem(name, reason)
-    return None
+    """Normalise the scalar fields of ``row`` in place (numpy/tensor -> Python) and check them:
+    :func:`check_scalar_columns` on a batch of one."""
+    cols, bad = check_scalar_columns(table, [row])
+    for name, vals in cols.items():
+        if name in row:
+            row[name] = vals[0]
+    return bad.get(0)
 
 
 _NONE = type(None)
@@ -280,6 +272,12 @@ def check_topk(ids: np.ndarray, logprobs: np.ndarray, pos: np.ndarray) -> Proble
         return Problem("logprobs", f"shape {list(logprobs.shape)} differs from ids {list(ids.shape)}")
     if pos.shape != (ids.shape[0],):
         return Problem("positions", f"expected {ids.shape[0]} positions, got shape {list(pos.shape)}")
+    return check_topk_values(ids, logprobs, pos)
+
+
+def check_topk_values(ids: np.ndarray, logprobs: np.ndarray, pos: np.ndarray) -> Problem | None:
+    """The value rules of top-k calls, on one call's arrays or on several calls' concatenated:
+    ids and positions >= 0, logprobs neither NaN nor +inf (-inf: outside the support) nor above 0."""
     if ids.size and ids.min() < 0:
         return Problem("ids", "negative token id")
     if pos.size and pos.min() < 0:

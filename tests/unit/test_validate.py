@@ -215,3 +215,35 @@ def test_lenient_topk_batch_keeps_good_calls_around_a_bad_one(tmp_path):
         ("a", 0, [1, 2]), ("a", 1, [3, 4]), ("d", 7, [1, 2])]
     assert [(r["request_id"], r["field"]) for r in _read(root, "rejects").to_pylist()] == [
         ("b", "ids"), ("c", "logprobs")]
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "lenient"])
+def test_top_k_calls_are_judged_by_one_rule_one_at_a_time_or_batched(tmp_path, strict):
+    """A call checked alone (strict, on the caller's thread) and calls checked batched (the
+    writer's concatenated arrays) keep and refuse the same calls: -inf (outside the support) is
+    kept, NaN, +inf, a positive logprob and a negative id are refused, each naming its field."""
+    from replay import Recorder, open_recording
+    from replay.errors import BadInput
+
+    ids = np.array([[1, 2], [3, 4]], np.int32)
+    calls = {"minus-inf": ([[-0.1, -np.inf], [-0.2, -3.0]], ids, None),
+             "nan": ([[-0.1, np.nan], [-0.2, -3.0]], ids, "logprobs"),
+             "plus-inf": ([[np.inf, -1.0], [-0.2, -3.0]], ids, "logprobs"),
+             "positive": ([[0.5, -1.0], [-0.2, -3.0]], ids, "logprobs"),
+             "negative-id": ([[-0.1, -1.0], [-0.2, -3.0]], -ids, "ids"),
+             "fine": ([[-0.1, -1.0], [-0.2, -3.0]], ids, None)}
+    with Recorder(tmp_path / "r", strict=strict) as rec:
+        for rid, (lps, ids_, field) in calls.items():
+            kw = dict(step=0, request_id=rid, source="engine", ids=ids_, logprobs=np.asarray(lps, np.float32))
+            if strict and field is not None:
+                with pytest.raises(BadInput) as e:
+                    rec.topk(**kw)
+                assert e.value.field == field
+            else:
+                rec.topk(**kw)
+    with open_recording(tmp_path / "r") as r:
+        kept = {rid for (rid,) in r.sql("SELECT DISTINCT request_id FROM topk").fetchall()}
+        refused = dict(r.sql("SELECT request_id, field FROM rejects").fetchall())
+    assert kept == {"minus-inf", "fine"}
+    if not strict:
+        assert refused == {rid: f for rid, (_, _, f) in calls.items() if f is not None}
