@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from replay.engines.base import GenRequest  # noqa: E402
-from replay.engines.reference import ReferenceEngine  # noqa: E402
+from replay.engines.reference.engine import ReferenceEngine  # noqa: E402
 from replay.fixes import resolve  # noqa: E402
 from replay.models import build_model, load_model  # noqa: E402
 from replay.trainer.scoring import trainer_logprobs  # noqa: E402

@@ -46,9 +46,9 @@ def make_engine(kind: str, model_path: str | Path, config: EngineConfig, *, devi
         return EngineClient(engine=kind, model_path=str(model_path), config=config, python=python,
                             engine_kwargs=extra)
     if kind == "reference":
-        from replay.engines.reference import ReferenceEngine
+        from replay.engines.reference.engine import ReferenceEngine
         return ReferenceEngine(str(model_path), config, device=device, seed=seed)
-    from replay.engines.vllm import VLLMEngine
+    from replay.engines.vllm.engine import VLLMEngine
     return VLLMEngine(str(model_path), config, device="auto" if device == "cpu" else device, seed=seed, **extra)
 
 

@@ -150,7 +150,7 @@ def error_message(exc: BaseException) -> bytes:
 def make_engine(kind: str, model: str, config: Any, device: str, seed: int, engine_kwargs: dict) -> Any:
     """The engine a worker serves."""
     if kind == "reference":
-        from replay.engines.reference import ReferenceEngine
+        from replay.engines.reference.engine import ReferenceEngine
 
         if device == "auto":
             import torch
@@ -158,11 +158,11 @@ def make_engine(kind: str, model: str, config: Any, device: str, seed: int, engi
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return ReferenceEngine(model, config, device=device, seed=seed, **engine_kwargs)
     if kind == "vllm":
-        from replay.engines.vllm import VLLMEngine
+        from replay.engines.vllm.engine import VLLMEngine
 
         return VLLMEngine(model, config, device=device, seed=seed, **engine_kwargs)
     if kind == "vllm-v0":
-        from replay.engines.vllm_v0 import VLLMV0Engine
+        from replay.engines.vllm.v0 import VLLMV0Engine
 
         return VLLMV0Engine(model, config, device=device, seed=seed, **engine_kwargs)
     raise ValueError(f"unknown engine {kind!r}; known engines: {', '.join(ENGINES)}")

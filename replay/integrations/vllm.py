@@ -371,7 +371,7 @@ def load_weights(llm: Any, state_dict: Mapping[str, Any]) -> int:
     """Load HF-named, HF-shaped tensors into a running vLLM ``LLM`` (every worker), through
     the model's ``load_weights`` wrapped in vLLM's layer-wise reload (which the CPU build's
     packed kernels need); returns how many tensors each worker took."""
-    from replay.engines._vllm_args import rpc_load_weights
+    from replay.engines.vllm.args import rpc_load_weights
 
     weights = [(k, v.detach() if hasattr(v, "detach") else v) for k, v in state_dict.items()]
     counts = llm.collective_rpc(rpc_load_weights, args=(weights,))

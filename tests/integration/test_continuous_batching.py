@@ -20,7 +20,7 @@ ARRIVALS = [0, 0, 2, 4]
 
 def _run(root: Path, model: Path, *, recorded_after: int | None = None, versions=None) -> tuple[Path, list]:
     from replay.engines.base import GenRequest, WeightUpdate
-    from replay.engines.reference import ReferenceEngine
+    from replay.engines.reference.engine import ReferenceEngine
     from replay.models import load_state_dict
 
     cfg = resolve("v1", ["v0_runtime_defaults"])   # prefix caching and async scheduling off

@@ -24,7 +24,7 @@ def _run(root: Path, model: Path, *, store_weights: bool = True, hashed: Path | 
     """The recording; ``hashed``: version 1 recorded by hash only, its checkpoint written there
     (``<hashed>/step-1/model.safetensors``, its recorded path ``s3://bucket/ckpt/step-1``)."""
     from replay.engines.base import GenRequest, WeightUpdate
-    from replay.engines.reference import ReferenceEngine
+    from replay.engines.reference.engine import ReferenceEngine
     from replay.models import load_state_dict
 
     cfg = resolve("v1")

@@ -29,7 +29,7 @@ T, TOP_P = 0.7, 0.9
 @pytest.fixture(scope="module")
 def engines(tiny_model):
     """One vLLM engine per config, started on first use and shared by the module."""
-    from replay.engines.vllm import VLLMEngine
+    from replay.engines.vllm.engine import VLLMEngine
 
     made: dict[EngineConfig, VLLMEngine] = {}
 
@@ -323,7 +323,7 @@ def test_vllm_and_the_reference_engine_agree_where_both_are_exact(engines, tiny_
     """In float32 with async scheduling off and a paused update (the behaviours vLLM's CPU
     build really has), vLLM and the PyTorch reference engine give the same logprobs for
     the same forced tokens across a weight update, with the head in ``head`` precision."""
-    from replay.engines.reference import ReferenceEngine
+    from replay.engines.reference.engine import ReferenceEngine
 
     cfg = EngineConfig(dtype="float32", lm_head_dtype=head, async_scheduling=False, weight_update="paused")
     eng = engines(cfg)
@@ -347,7 +347,7 @@ def test_vllm_and_the_reference_engine_agree_where_both_are_exact(engines, tiny_
 def _on_both(eng, tiny_model, cfg, weights1, run):
     """``run(engine)`` on vLLM and on a reference engine of the same config (32-token blocks),
     each with an empty prefix cache and version 1 loaded beside version 0."""
-    from replay.engines.reference import ReferenceEngine
+    from replay.engines.reference.engine import ReferenceEngine
 
     ref = ReferenceEngine(tiny_model, cfg, seed=0, ignore_eos=True, block_size=32)
     try:
@@ -372,7 +372,7 @@ def test_the_reference_engine_does_what_vllm_does_on_an_unpaused_update(engines,
       update, to a later request sharing the prefix (the same number of cached tokens).
 
     Async scheduling, the one V1 default the CPU build cannot run (it forces it off), is
-    grounded in the source: see :mod:`replay.engines.reference`."""
+    grounded in the source: see :mod:`replay.engines.reference.engine`."""
 
     cfg = EngineConfig(dtype="float32", lm_head_dtype="float32", async_scheduling=False, weight_update="concurrent")
     assert cfg.logprobs_mode == "raw_logprobs" and cfg.enable_prefix_caching
@@ -461,7 +461,7 @@ def test_stop_tokens_topk_and_bad_input(engines):
 
 
 def test_start_up_failures_raise_engine_error(tiny_model, tmp_path):
-    from replay.engines.vllm import VLLMEngine
+    from replay.engines.vllm.engine import VLLMEngine
 
     with pytest.raises(EngineError, match="runs on 'cpu'"):
         VLLMEngine(tiny_model, EngineConfig(), device="cuda")
@@ -471,7 +471,7 @@ def test_start_up_failures_raise_engine_error(tiny_model, tmp_path):
 
 
 def test_closed_engine_refuses_work_and_close_is_idempotent(tiny_model):
-    from replay.engines.vllm import VLLMEngine
+    from replay.engines.vllm.engine import VLLMEngine
 
     eng = VLLMEngine(tiny_model, EngineConfig(), kv_cache_memory_bytes=16 * 2**20)
     assert eng.generate([GenRequest("a", [1, 5, 6], max_tokens=2, seed=0)])[0].output_ids
@@ -482,8 +482,8 @@ def test_closed_engine_refuses_work_and_close_is_idempotent(tiny_model):
 
 
 def test_v0_engine_runs_the_same_protocol(tiny_model):
-    from replay.engines.vllm_v0 import v0_available
-    from replay.engines.vllm_v0 import VLLMV0Engine
+    from replay.engines.vllm.v0 import v0_available
+    from replay.engines.vllm.v0 import VLLMV0Engine
 
     ok, why = v0_available()
     if not ok:
@@ -499,8 +499,8 @@ def test_v0_engine_runs_the_same_protocol(tiny_model):
 
 
 def test_v0_engine_refuses_a_v1_only_install(tiny_model):
-    from replay.engines.vllm_v0 import v0_available
-    from replay.engines.vllm_v0 import VLLMV0Engine
+    from replay.engines.vllm.v0 import v0_available
+    from replay.engines.vllm.v0 import VLLMV0Engine
 
     ok, _ = v0_available()
     if ok:

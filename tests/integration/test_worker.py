@@ -91,7 +91,7 @@ def test_worker_reports_a_start_up_failure_with_its_stderr(tmp_path):
 
 
 def test_reference_worker_matches_the_in_process_engine_and_closes_cleanly(tiny_model):
-    from replay.engines.reference import ReferenceEngine
+    from replay.engines.reference.engine import ReferenceEngine
 
     local = ReferenceEngine(tiny_model, EngineConfig(), seed=0)
     expected = local.generate(_reqs(num_topk=3))

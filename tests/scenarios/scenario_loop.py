@@ -169,7 +169,7 @@ def record(sc: Scenario, model_dir: str | Path, out_dir: str | Path, *, steps: i
 
     from replay import Recorder
     from replay.engines.base import GenRequest, WeightUpdate
-    from replay.engines.reference import ReferenceEngine
+    from replay.engines.reference.engine import ReferenceEngine
     from replay.models import load_model
     from replay.trainer.scoring import sequence_logprobs_tensor
 

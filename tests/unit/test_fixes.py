@@ -57,7 +57,7 @@ def test_a_vllm_replay_takes_the_recorded_settings_and_the_reference_none():
 def test_the_default_context_stays_within_the_models_own(tmp_path):
     import json
 
-    from replay.engines._vllm_args import DEFAULT_MAX_MODEL_LEN, default_max_model_len
+    from replay.engines.vllm.args import DEFAULT_MAX_MODEL_LEN, default_max_model_len
     (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 256}))
     assert default_max_model_len(str(tmp_path)) == 256
     (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 32768}))

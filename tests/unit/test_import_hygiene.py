@@ -118,7 +118,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_no_import_cycle_at_module_level():
     """A cycle makes a module fail when it is the first one imported (the V0 engine did)."""
     graph = _module_level_imports()
-    assert "replay.engines.vllm_v0" in graph and "replay.engines.vllm" in graph["replay.engines.vllm_v0"]
+    assert "replay.engines.vllm.v0" in graph and "replay.engines.vllm.engine" in graph["replay.engines.vllm.v0"]
     assert _cycles(graph) == []
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the check works
 
@@ -134,6 +134,6 @@ def test_no_import_cycle_even_through_imports_inside_functions():
 
 
 def test_the_v0_engine_module_imports_first():
-    r = subprocess.run([sys.executable, "-c", "import replay.engines.vllm_v0 as m; print(m.VLLMV0Engine.__name__)"],
+    r = subprocess.run([sys.executable, "-c", "import replay.engines.vllm.v0 as m; print(m.VLLMV0Engine.__name__)"],
                        capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "VLLMV0Engine", r.stderr

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from replay.engines.base import Engine, GenGroup, GenRequest, ScoreRequest, WeightUpdate, generate_groups, groups_by_calls  # noqa: E402
-from replay.engines.reference import ReferenceEngine  # noqa: E402
+from replay.engines.reference.engine import ReferenceEngine  # noqa: E402
 from replay.errors import BadInput  # noqa: E402
 from replay.fixes import EngineConfig, resolve  # noqa: E402
 from replay.models import build_model, load_model, load_state_dict  # noqa: E402
@@ -159,8 +159,8 @@ def test_every_engine_class_has_the_whole_protocol():
     import inspect
 
     from replay.engines.client import EngineClient
-    from replay.engines.vllm import VLLMEngine
-    from replay.engines.vllm_v0 import VLLMV0Engine
+    from replay.engines.vllm.engine import VLLMEngine
+    from replay.engines.vllm.v0 import VLLMV0Engine
 
     members = [n for n, v in vars(Engine).items() if not n.startswith("_") and (callable(v) or isinstance(v, property))]
     assert {"versions", "activate", "reset_prefix_cache", "generate_groups", "hidden_states"} <= set(members)

@@ -3,7 +3,7 @@
 vLLM returns logprobs as ``{token_id: Logprob(logprob, rank)}`` dicts. This module
 turns them into the engine's wire lists, and turns *raw* prompt logprobs into
 *processed* ones (temperature, then top-k, then top-p, as vLLM's sampler does),
-which is how :meth:`replay.engines.vllm.VLLMEngine.score` honours
+which is how :meth:`replay.engines.vllm.engine.VLLMEngine.score` honours
 ``logprobs_mode="processed_logprobs"``: in vLLM 0.32 prompt logprobs are always
 computed from the raw logits, whatever ``logprobs_mode`` says.
 

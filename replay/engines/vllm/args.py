@@ -96,7 +96,7 @@ def engine_kwargs(model_path: str, config: EngineConfig, *, dtype: str | None, d
         # an fp32 head on a bf16 model is the fix, a bf16 head on an fp32 model the V1 default).
         kw["hf_overrides"] = {"head_dtype": config.lm_head_dtype}
     # Teacher forcing through generation (GenRequest.forced_output_ids), see _vllm_forcing.
-    from replay.engines._vllm_forcing import processor_class
+    from replay.engines.vllm.forcing import processor_class
 
     kw["logits_processors"] = [processor_class()]
     kw.update(extra)

@@ -133,8 +133,8 @@ class ReferenceEngine:
                  seed: int = 0, *, block_size: int = 16, ignore_eos: bool = False,
                  max_cached_blocks: int = 4096, initial_version: int = 0, num_threads: int | None = 1):
         from replay.models import load_config, load_state_dict, torch_dtype
-        from replay.engines._ref_cache import PrefixCache
-        from replay.engines._ref_model import ArchConfig, ServingView
+        from replay.engines.reference.cache import PrefixCache
+        from replay.engines.reference.model import ArchConfig, ServingView
 
         t0 = time.perf_counter()
         self.config = config or EngineConfig()
@@ -169,7 +169,7 @@ class ReferenceEngine:
     def load_weights(self, version: int, state_dict: Mapping[str, Any], *, activate: bool = True) -> None:
         """Keep ``version`` (HF names; names left out are taken from the version serving now)
         and, with ``activate``, serve it from now on. The prefix cache is not reset."""
-        from replay.engines._ref_model import split_state_dict
+        from replay.engines.reference.model import split_state_dict
 
         base = self._weights.get(self.version) if self.version is not None else None
         self._weights[int(version)] = split_state_dict(dict(state_dict), self.arch, self._dtype,
@@ -231,7 +231,7 @@ class ReferenceEngine:
             state.view = self._uniform(version)
 
     def _uniform(self, version: int) -> Any:
-        from replay.engines._ref_model import ServingView
+        from replay.engines.reference.model import ServingView
 
         if version not in self._weights:
             raise BadInput(f"weight version {version} was never loaded; loaded: {self.versions}",
@@ -286,7 +286,7 @@ class ReferenceEngine:
         """
         import torch
 
-        from replay.engines._ref_model import Chunk, RequestKV, forward, project
+        from replay.engines.reference.model import Chunk, RequestKV, forward, project
         from replay.engines.sampling import request_generator
 
         if len(groups) > 1 and self.config.enable_prefix_caching:
@@ -351,7 +351,7 @@ class ReferenceEngine:
         (a GRPO group) take two waves: the first computes, the others hit."""
         import torch
 
-        from replay.engines._ref_model import Chunk, forward
+        from replay.engines.reference.model import Chunk, forward
 
         bs = self.cache.block_size
         prompts = [list(run.req.prompt_ids) for run in runs]
@@ -406,7 +406,7 @@ class ReferenceEngine:
         version serving now: what a layer bisection compares between two configs."""
         import torch
 
-        from replay.engines._ref_model import Chunk, RequestKV, forward
+        from replay.engines.reference.model import Chunk, RequestKV, forward
 
         ids = list(token_ids)
         if not ids:
@@ -425,7 +425,7 @@ class ReferenceEngine:
         with the config's logprobs mode (processed: temperature, top-k, top-p applied) and lm_head dtype."""
         import torch
 
-        from replay.engines._ref_model import Chunk, RequestKV, forward, project
+        from replay.engines.reference.model import Chunk, RequestKV, forward, project
         from replay.engines.sampling import logprobs_of, process_logits, top_logprobs
 
         self._check_requests(requests, "score")

