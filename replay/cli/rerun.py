@@ -49,6 +49,27 @@ def _score_fidelity(f: dict) -> str:
     return f"max |Δ| {f.get('max_abs_diff', float('nan')):.2e}"
 
 
+def prefix_cache_warnings(summaries: list[dict], each: int = 3) -> list[str]:
+    """Where the replay's prefix-cache hits differ from the recording's: a line per step for up to
+    ``each`` steps, else one line over all of them."""
+    differ = [s for s in summaries if (s.get("prefix_cache") or {}).get("requests_differ")]
+    why = ("expected when the replayed config changes prefix caching or the block size; under the "
+           "recorded one, the replay's KV is not the run's")
+
+    def counts(pcs: list[dict]) -> str:
+        return (f"{sum(p['requests_differ'] for p in pcs)} of {sum(p['requests'] for p in pcs)} requests "
+                f"({sum(p['replayed_tokens'] for p in pcs)} cached prompt tokens replayed, "
+                f"{sum(p['recorded_tokens'] for p in pcs)} recorded)")
+    if len(differ) <= each:
+        return [f"step {s['step']}: prefix-cache hits differ from the recording in {counts([s['prefix_cache']])}: "
+                f"{why}" for s in differ]
+    from replay.rerun.plans import step_ranges
+
+    steps = [s["step"] for s in differ]
+    return [f"steps {step_ranges(steps)} ({len(steps)} of {len(summaries)}): prefix-cache hits differ from the "
+            f"recording in {counts([s['prefix_cache'] for s in differ])}: {why}"]
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "rerun", help="re-execute recorded steps under another engine config",
@@ -120,14 +141,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"config: {' '.join(f'{k}={v}' for k, v in out[0]['config'].items())}")
     if out[0]["note"]:
         print(f"note: {out[0]['note']}")
-    differ = [s for s in out if (s.get("prefix_cache") or {}).get("requests_differ")]
-    for s in differ:
-        pc = s["prefix_cache"]
-        print(f"replay: warning: step {s['step']}: prefix-cache hits differ from the recording in "
-              f"{pc['requests_differ']} of {pc['requests']} requests ({pc['replayed_tokens']} cached prompt "
-              f"tokens replayed, {pc['recorded_tokens']} recorded): expected when the replayed config "
-              "changes prefix caching or the block size; under the recorded one, the replay's KV is not the run's",
-              file=sys.stderr)
+    for line in prefix_cache_warnings(out):
+        print(f"replay: warning: {line}", file=sys.stderr)
     if any(s.get("replayed", {}).get("outside_support") for s in out):
         print("outside support: scored tokens the replayed config could not have sampled (logprob "
               "-inf there); the replayed metrics leave them out, the recorded ones do not")

@@ -240,8 +240,8 @@ def worst(m: Measured, by_key: dict, what: str, n: int = 10) -> list[dict]:
 
 
 def _show(steps: Sequence[int]) -> str:
-    from replay.rerun.plans import _ranges
+    from replay.rerun.plans import step_ranges
 
-    return _ranges(sorted(steps))
+    return step_ranges(sorted(steps))
 
 

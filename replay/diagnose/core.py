@@ -234,9 +234,9 @@ def _backend(path: Path, ref, rows, off: bool, test, onset, window, update_steps
 
 
 def _steps(steps: Sequence[int]) -> str:
-    from replay.rerun.plans import _ranges
+    from replay.rerun.plans import step_ranges
 
-    return _ranges(sorted(steps)) or "none"
+    return step_ranges(sorted(steps)) or "none"
 
 
 def _verdict(backend: dict, trainer: dict, untested: list[tuple[str, str]]) -> tuple[str, str]:

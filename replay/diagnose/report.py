@@ -35,9 +35,9 @@ def _g(x: Any, spec: str = ".3g") -> str:
 
 
 def _steps(steps: list[int]) -> str:
-    from replay.rerun.plans import _ranges
+    from replay.rerun.plans import step_ranges
 
-    return _ranges(steps) or "none"
+    return step_ranges(steps) or "none"
 
 
 def _yes(x: Any) -> str:

@@ -47,6 +47,7 @@ def check(path: str | os.PathLike) -> dict:
     from replay.fixes import EngineConfig
     from replay.models import recorded_model
     from replay.read.recording import open_recording
+    from replay.rerun.plans import step_ranges
 
     root = Path(path)
     with open_recording(root) as rec:
@@ -125,7 +126,7 @@ def check(path: str | os.PathLike) -> dict:
         need("step_end", "no step_end event: no step is known to be whole", replay_missing)
     elif len(ended & set(steps)) < len(steps):
         left = sorted(set(steps) - ended)
-        replay_notes.append(f"step(s) {_ranges(left)} have no step_end (a writer stopped during them?): "
+        replay_notes.append(f"step(s) {step_ranges(left)} have no step_end (a writer stopped during them?): "
                             "`--step all` skips them")
     trainer_missing: list[dict] = []
     if not n_tr:
@@ -151,11 +152,6 @@ def check(path: str | os.PathLike) -> dict:
     if joined and joined < n_roll:
         commands["bisect --by steps"]["notes"].append(f"{n_roll - joined} of {n_roll} rollouts have no trainer row")
     return {"path": str(root), "facts": facts, "commands": commands}
-
-
-def _ranges(steps: list[int]) -> str:
-    from replay.rerun.plans import _ranges as ranges
-    return ranges(steps)
 
 
 def check_output(report: dict, fmt: str) -> str:

@@ -70,7 +70,7 @@ def plan_step(rec, step: int) -> StepPlan:
     if not rows and not events:
         known = _steps_with_rollouts(rec)
         raise BadInput(f"step {step} is not in the recording (steps with rollouts: "
-                       f"{_ranges(known) or 'none'})", field="step", step=step)
+                       f"{step_ranges(known) or 'none'})", field="step", step=step)
     by_id = {}
     for rid, gid, p, o, lp, tv, temp, top_p, top_k, seed, cached, tlp in rows:
         by_id[rid] = RecordedRequest(
@@ -161,7 +161,7 @@ def arrivals(step: int, requests: list[RecordedRequest], updates: list) -> tuple
     return moved, notes
 
 
-def _ranges(steps: Sequence[int]) -> str:
+def step_ranges(steps: Sequence[int]) -> str:
     out: list[str] = []
     start: int | None = None
     prev = 0  # the last step of the current range (set with start)

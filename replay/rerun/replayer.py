@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from replay.rerun.plans import RecordedRequest, StepPlan, _ranges, _steps_with_rollouts, plan_step
+from replay.rerun.plans import RecordedRequest, StepPlan, step_ranges, _steps_with_rollouts, plan_step
 from replay.errors import BadInput, RecordingError, ReplayError
 from replay.fixes import EngineConfig
 from replay.store.manifest import AUX_RANKS
@@ -286,7 +286,7 @@ class Replayer:
             what = (f"{len(plan.missing)} submitted request(s) have no rollout" if plan.missing
                     else "it has no step_end event")
             raise RecordingError(f"step {step} is incomplete in {self.path} ({what}): its writer stopped "
-                                 f"or never marked its end; complete steps: {_ranges(complete) or 'none'}",
+                                 f"or never marked its end; complete steps: {step_ranges(complete) or 'none'}",
                                  "incomplete step")
         return plan
 
