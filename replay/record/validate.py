@@ -132,13 +132,25 @@ _SCALAR_ITEMS = {t: [(n, tag, req, _FAST[tag]) for n, (tag, req) in f.items()] f
 
 
 def check_scalars(table: str, row: dict) -> Problem | None:
-    """Normalise the scalar fields of ``row`` in place (numpy/tensor -> Python) and check them:
-    :func:`check_scalar_columns` on a batch of one."""
-    cols, bad = check_scalar_columns(table, [row])
-    for name, vals in cols.items():
-        if name in row:
-            row[name] = vals[0]
-    return bad.get(0)
+    """Normalise the scalar fields of ``row`` in place (numpy/tensor -> Python) and check them.
+
+    The rules of :func:`check_scalar_columns` for one call, on the caller's thread in strict mode:
+    written out for one row because the batch function costs 5x more per call (7.7 µs against
+    1.4 µs for a rollout, measured); ``test_validate`` holds the two to the same verdicts."""
+    for name, tag, required, fast in _SCALAR_ITEMS.get(table, ()):
+        x = row.get(name)
+        if x is None:
+            if required:
+                return Problem(name, "required field is missing")
+            continue
+        if type(x) not in fast:
+            x = row[name] = scalar(x)
+        elif tag == "real":
+            continue  # a float or an int: nothing more to check
+        reason = _scalar_reason(tag, x)
+        if reason:
+            return Problem(name, reason)
+    return None
 
 
 _NONE = type(None)

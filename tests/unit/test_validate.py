@@ -247,3 +247,29 @@ def test_top_k_calls_are_judged_by_one_rule_one_at_a_time_or_batched(tmp_path, s
     assert kept == {"minus-inf", "fine"}
     if not strict:
         assert refused == {rid: f for rid, (_, _, f) in calls.items() if f is not None}
+
+
+def test_one_call_and_a_batch_give_the_same_verdict_on_scalars():
+    """check_scalars (one call, strict mode) and check_scalar_columns (a batch, in the writer) are
+    one rule written twice for speed: every field of every table, given good and bad values, gets
+    the same verdict and the same normalised value from both."""
+    from replay.record.validate import SCALARS, check_scalar_columns
+
+    values = {"str": ["ok", "", 3, None, np.str_("s")], "step": [0, 7, -1, 2.5, True, np.int64(4), None],
+              "count": [0, 3, -2, np.int32(5), "x", None], "int": [-3, 4, 1.5, np.int64(-2), None, False],
+              "real": [0.5, 3, float("nan"), np.float32(0.25), "x", True, None],
+              "source": ["engine", "trainer", "replay", "other", None]}
+    checked = 0
+    for table, fields in SCALARS.items():
+        base = {n: {"str": "a", "step": 1, "count": 1, "int": 1, "real": 1.0, "source": "engine"}[tag]
+                for n, (tag, _) in fields.items()}
+        for name, (tag, _) in fields.items():
+            rows = [dict(base, **{name: v}) for v in values[tag]]
+            cols, bad = check_scalar_columns(table, [dict(r) for r in rows])
+            for i, row in enumerate(rows):
+                one = dict(row)
+                assert check_scalars(table, one) == bad.get(i), (table, name, row[name])
+                if i not in bad:
+                    assert one[name] == cols[name][i] or (one[name] != one[name] and cols[name][i] != cols[name][i])
+                checked += 1
+    assert checked > 100
