@@ -101,19 +101,7 @@ def generate_groups(engine: "Engine", groups: Sequence[GenGroup]) -> list[list[G
     return engine.generate_groups(groups)
 
 
-class _CallEngine(Protocol):
-    """The part of :class:`Engine` that :func:`groups_by_calls` drives (read-only: an engine may
-    keep narrower types than the protocol's settable attributes, as VLLMEngine's ``effective``)."""
-
-    @property
-    def version(self) -> int | None: ...
-
-    def activate(self, version: int) -> None: ...
-
-    def generate(self, requests: Sequence[GenRequest], updates: Sequence[WeightUpdate] = ()) -> list[GenResult]: ...
-
-
-def groups_by_calls(engine: _CallEngine, groups: Sequence[GenGroup]) -> list[list[GenResult]]:
+def groups_by_calls(engine: "Engine", groups: Sequence[GenGroup]) -> list[list[GenResult]]:
     """``generate_groups`` for an engine without batched groups: one ``generate()`` call per
     distinct schedule; groups that start on the same version with the same updates (and no
     request id in common) share a call."""
@@ -146,12 +134,30 @@ class Engine(Protocol):
     """What the replayer, the demo and the bisection drive: every engine has all of it (the
     replayer probes nothing), and says what it can do in ``supports_forced_output``."""
 
-    name: str                    # "reference", "vllm", "vllm-v0", ...
-    config: Any                  # replay.fixes.EngineConfig
-    version: int | None          # the weight version now serving
-    supports_forced_output: bool  # GenRequest.forced_output_ids goes through generation
-    effective: dict | None       # what the engine really runs with (settings it read back), if it knows
-    start_seconds: float | None  # how long the engine took to start
+    # Read-only for callers (an engine may keep a narrower type, or compute one).
+    @property
+    def name(self) -> str:
+        """"reference", "vllm", "vllm-v0", ..."""
+
+    @property
+    def config(self) -> Any:
+        """The :class:`~replay.fixes.EngineConfig` it runs."""
+
+    @property
+    def version(self) -> int | None:
+        """The weight version now serving."""
+
+    @property
+    def supports_forced_output(self) -> bool:
+        """Whether ``GenRequest.forced_output_ids`` goes through generation."""
+
+    @property
+    def effective(self) -> Mapping[str, Any] | None:
+        """What the engine really runs with (settings it read back), if it knows."""
+
+    @property
+    def start_seconds(self) -> float | None:
+        """How long the engine took to start."""
 
     @property
     def versions(self) -> list[int]:

@@ -28,6 +28,7 @@ from replay import errors
 from replay.errors import EngineError
 from replay.fixes import EngineConfig
 from replay.engines import worker as wire
+from replay.engines.worker import Call
 from replay.engines.base import GenGroup, GenRequest, GenResult, ScoreRequest, ScoreResult, WeightUpdate, groups_by_calls
 
 STDERR_TAIL_LINES = 40
@@ -61,7 +62,7 @@ class EngineClient:
             raise EngineError(f"cannot start the {engine} worker with interpreter {self.python!r}: {e}") from e
         self._drain = threading.Thread(target=self._read_stderr, name=f"{engine}-worker-stderr", daemon=True)
         self._drain.start()
-        call, meta, _ = self._receive("ready", start_timeout, starting=True)
+        call, meta, _ = self._receive(Call.READY, start_timeout, starting=True)
         self.info = meta
         self.name = str(meta.get("engine") or engine)
         self.start_seconds = meta.get("start_seconds")
@@ -80,7 +81,7 @@ class EngineClient:
         from safetensors.torch import save as st_save
 
         blob = st_save({k: torch.as_tensor(v).detach().cpu().contiguous() for k, v in state_dict.items()})
-        _, meta, _ = self._call("load_weights", {"version": int(version), "activate": bool(activate)},
+        _, meta, _ = self._call(Call.LOAD_WEIGHTS, {"version": int(version), "activate": bool(activate)},
                                 [{"safetensors": blob}], wire.WEIGHTS_SCHEMA)
         self.version = meta.get("version")
         self._versions.add(int(version))
@@ -92,14 +93,14 @@ class EngineClient:
 
     def activate(self, version: int) -> None:
         """Serve an already loaded ``version`` from now on."""
-        self.version = self._call("activate", {"version": int(version)})[1].get("version")
+        self.version = self._call(Call.ACTIVATE, {"version": int(version)})[1].get("version")
 
     def reset_prefix_cache(self) -> None:
         """Drop every prefix-cache entry of the child engine."""
-        self._call("reset_prefix_cache")
+        self._call(Call.RESET_PREFIX_CACHE)
 
     def generate(self, requests: Sequence[GenRequest], updates: Sequence[WeightUpdate] = ()) -> list[GenResult]:
-        _, meta, rows = self._call("generate", {"updates": [asdict(u) for u in updates]}, list(requests),
+        _, meta, rows = self._call(Call.GENERATE, {"updates": [asdict(u) for u in updates]}, list(requests),
                                    wire.SCHEMAS[GenRequest])
         self.version = meta.get("version")
         return wire.rows_to(GenResult, rows)
@@ -109,20 +110,20 @@ class EngineClient:
         return groups_by_calls(self, groups)
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
-        _, _, rows = self._call("score", {}, list(requests), wire.SCHEMAS[ScoreRequest])
+        _, _, rows = self._call(Call.SCORE, {}, list(requests), wire.SCHEMAS[ScoreRequest])
         return wire.rows_to(ScoreResult, rows)
 
     def hidden_states(self, token_ids: Sequence[int]) -> list[Any]:
         """The child engine's residual stream per layer for ``token_ids`` (float32 numpy arrays)."""
         from safetensors.torch import load as st_load
 
-        _, meta, rows = self._call("hidden_states", {"token_ids": [int(t) for t in token_ids]})
+        _, meta, rows = self._call(Call.HIDDEN_STATES, {"token_ids": [int(t) for t in token_ids]})
         states = st_load(rows[0]["safetensors"])
         return [states[str(i)].numpy() for i in range(int(meta["n"]))]
 
     def ping(self) -> dict:
         """The worker's info (pid, executable, engine, effective settings)."""
-        return self._call("ping")[1]
+        return self._call(Call.PING)[1]
 
     def close(self) -> None:
         """Ask the worker to close its engine and exit; kill it if it does not. Safe twice."""
@@ -132,7 +133,7 @@ class EngineClient:
         try:
             if proc.poll() is None:
                 try:
-                    self._call("close", timeout=min(self.timeout, 60.0))
+                    self._call(Call.CLOSE, timeout=min(self.timeout, 60.0))
                 except EngineError:
                     pass  # it died or hung on the way out: it is killed below if alive
                 try:
@@ -169,14 +170,14 @@ class EngineClient:
 
     # ---------------------------------------------------------------------- transport
 
-    def _call(self, call: str, meta: dict | None = None, rows: list | None = None, schema: Any = None,
-              timeout: float | None = None) -> tuple[str, dict, list[dict]]:
+    def _call(self, call: Call, meta: dict | None = None, rows: list | None = None, schema: Any = None,
+              timeout: float | None = None) -> tuple[Call, dict, list[dict]]:
         proc = self._running(call)
         timeout = self.timeout if timeout is None else timeout
         self._send(proc, wire.encode(call, meta, rows, schema), call, timeout)
         return self._receive(call, timeout)
 
-    def _send(self, proc: subprocess.Popen, data: bytes, call: str, timeout: float) -> None:
+    def _send(self, proc: subprocess.Popen, data: bytes, call: Call, timeout: float) -> None:
         """Write one message; a child that stops reading (hung, pipe full) is killed at ``timeout``."""
         failed: list[BaseException] = []
 
@@ -200,14 +201,14 @@ class EngineClient:
         if failed:
             raise self._died(call, f"the pipe to it broke ({failed[0]})") from failed[0]
 
-    def _running(self, call: str) -> subprocess.Popen:
+    def _running(self, call: Call) -> subprocess.Popen:
         if self.process is None:
             raise EngineError(f"the {self.engine} worker is closed; cannot {call}")
         if self.process.poll() is not None:
             raise self._died(call, "it had already exited")
         return self.process
 
-    def _receive(self, expect: str, timeout: float, starting: bool = False) -> tuple[str, dict, list[dict]]:
+    def _receive(self, expect: Call, timeout: float, starting: bool = False) -> tuple[Call, dict, list[dict]]:
         proc = self.process
         assert proc is not None and proc.stdout is not None
         deadline = time.monotonic() + timeout
@@ -220,7 +221,7 @@ class EngineClient:
             self._kill()
             raise EngineError(f"the {self.engine} worker sent a bad reply to {expect!r}: {e}"
                               f"{self._tail()}") from e
-        if call == "error":
+        if call is Call.ERROR:
             cls = getattr(errors, meta.get("type", ""), None)
             cls = cls if isinstance(cls, type) and issubclass(cls, errors.ReplayError) else EngineError
             what = "failed to start" if starting else f"failed in {expect}"
@@ -234,7 +235,7 @@ class EngineClient:
             raise EngineError(f"the {self.engine} worker answered {call!r} to {expect!r}{self._tail()}")
         return call, meta, rows
 
-    def _read_exact(self, fd: int, n: int, deadline: float, call: str, starting: bool) -> bytes:
+    def _read_exact(self, fd: int, n: int, deadline: float, call: Call, starting: bool) -> bytes:
         chunks, left = [], n
         while left:
             wait = deadline - time.monotonic()
@@ -251,7 +252,7 @@ class EngineClient:
             left -= len(chunk)
         return b"".join(chunks)
 
-    def _died(self, call: str, how: str, starting: bool = False) -> EngineError:
+    def _died(self, call: Call, how: str, starting: bool = False) -> EngineError:
         proc = self.process
         code = None
         if proc is not None:

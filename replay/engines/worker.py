@@ -39,6 +39,7 @@ import struct
 import sys
 import traceback
 from dataclasses import asdict
+from enum import StrEnum
 from typing import IO, Any, BinaryIO
 
 import pyarrow as pa
@@ -47,8 +48,26 @@ from replay.engines.base import WORKER_ENGINES as ENGINES
 from replay.engines.base import GenRequest, GenResult, ScoreRequest, ScoreResult, WeightUpdate
 
 PROTOCOL_VERSION = 1
-CALLS = ("ready", "ping", "load_weights", "activate", "reset_prefix_cache", "generate", "score", "hidden_states",
-         "close", "error")
+
+
+class Call(StrEnum):
+    """The messages of the protocol; the wire carries their values."""
+
+    READY = "ready"
+    PING = "ping"
+    LOAD_WEIGHTS = "load_weights"
+    ACTIVATE = "activate"
+    RESET_PREFIX_CACHE = "reset_prefix_cache"
+    GENERATE = "generate"
+    SCORE = "score"
+    HIDDEN_STATES = "hidden_states"
+    CLOSE = "close"
+    ERROR = "error"
+
+    def __repr__(self) -> str:   # messages quote the wire name: 'generate'
+        return repr(self.value)
+
+
 _LEN = struct.Struct("<Q")
 
 _ints, _floats = pa.list_(pa.int64()), pa.list_(pa.float64())
@@ -73,7 +92,7 @@ WEIGHTS_SCHEMA = pa.schema([("safetensors", pa.large_binary())])
 # ----------------------------------------------------------------------------- codec
 
 
-def encode(call: str, meta: dict | None = None, rows: list | None = None, schema: pa.Schema | None = None) -> bytes:
+def encode(call: Call, meta: dict | None = None, rows: list | None = None, schema: pa.Schema | None = None) -> bytes:
     """One protocol message (without its length prefix)."""
     schema = schema or pa.schema([])
     schema = schema.with_metadata({b"replay.call": call.encode(),
@@ -88,16 +107,18 @@ def encode(call: str, meta: dict | None = None, rows: list | None = None, schema
     return sink.getvalue().to_pybytes()
 
 
-def decode(data: bytes) -> tuple[str, dict, list[dict]]:
+def decode(data: bytes) -> tuple[Call, dict, list[dict]]:
     """``(call, meta, rows)`` of one message; ``ValueError`` when it is not one."""
     try:
         table = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
     except pa.ArrowInvalid as e:
         raise ValueError(f"not an Arrow IPC stream: {e}") from e
     md = table.schema.metadata or {}
-    call = md.get(b"replay.call", b"").decode()
-    if call not in CALLS:
-        raise ValueError(f"message names no known call (replay.call={call!r})")
+    name = md.get(b"replay.call", b"").decode()
+    try:
+        call = Call(name)
+    except ValueError:
+        raise ValueError(f"message names no known call (replay.call={name!r})") from None
     return call, json.loads(md.get(b"replay.meta", b"{}")), table.to_pylist()
 
 
@@ -140,8 +161,8 @@ def rows_to(cls: type, rows: list[dict]) -> list:
 
 
 def error_message(exc: BaseException) -> bytes:
-    return encode("error", {"type": type(exc).__name__, "message": str(getattr(exc, "msg", exc)),
-                            "traceback": traceback.format_exc(limit=8)})
+    return encode(Call.ERROR, {"type": type(exc).__name__, "message": str(getattr(exc, "msg", exc)),
+                               "traceback": traceback.format_exc(limit=8)})
 
 
 # ---------------------------------------------------------------------------- engine
@@ -175,57 +196,57 @@ def info(engine: Any, kind: str) -> dict:
             "supports_forced_output": bool(engine.supports_forced_output)}
 
 
-def handle(engine: Any, kind: str, call: str, meta: dict, rows: list[dict]) -> bytes:
+def handle(engine: Any, kind: str, call: Call, meta: dict, rows: list[dict]) -> bytes:
     """Run one call on ``engine``; the reply message."""
-    if call == "ping":
-        return encode("ping", info(engine, kind))
-    if call == "load_weights":
+    if call is Call.PING:
+        return encode(Call.PING, info(engine, kind))
+    if call is Call.LOAD_WEIGHTS:
         from safetensors.torch import load as st_load
 
         if len(rows) != 1:
             raise ValueError(f"load_weights carries one row of safetensors bytes, got {len(rows)} rows")
         engine.load_weights(int(meta["version"]), st_load(rows[0]["safetensors"]), activate=bool(meta["activate"]))
-        return encode("load_weights", {"version": engine.version})
-    if call == "activate":
+        return encode(Call.LOAD_WEIGHTS, {"version": engine.version})
+    if call is Call.ACTIVATE:
         engine.activate(int(meta["version"]))
-        return encode("activate", {"version": engine.version})
-    if call == "reset_prefix_cache":
+        return encode(Call.ACTIVATE, {"version": engine.version})
+    if call is Call.RESET_PREFIX_CACHE:
         engine.reset_prefix_cache()
-        return encode("reset_prefix_cache")
-    if call == "generate":
+        return encode(Call.RESET_PREFIX_CACHE)
+    if call is Call.GENERATE:
         updates = [WeightUpdate(**u) for u in meta.get("updates", [])]
         results = engine.generate(rows_to(GenRequest, rows), updates)
-        return encode("generate", {"version": engine.version}, results, SCHEMAS[GenResult])
-    if call == "score":
-        return encode("score", {}, engine.score(rows_to(ScoreRequest, rows)), SCHEMAS[ScoreResult])
-    if call == "hidden_states":
+        return encode(Call.GENERATE, {"version": engine.version}, results, SCHEMAS[GenResult])
+    if call is Call.SCORE:
+        return encode(Call.SCORE, {}, engine.score(rows_to(ScoreRequest, rows)), SCHEMAS[ScoreResult])
+    if call is Call.HIDDEN_STATES:
         import torch
         from safetensors.torch import save as st_save
 
         states = engine.hidden_states([int(t) for t in meta["token_ids"]])
         blob = st_save({str(i): torch.as_tensor(s).contiguous() for i, s in enumerate(states)})
-        return encode("hidden_states", {"n": len(states)}, [{"safetensors": blob}], WEIGHTS_SCHEMA)
-    if call == "close":
+        return encode(Call.HIDDEN_STATES, {"n": len(states)}, [{"safetensors": blob}], WEIGHTS_SCHEMA)
+    if call is Call.CLOSE:
         engine.close()
-        return encode("close")
+        return encode(Call.CLOSE)
     raise ValueError(f"the worker does not answer {call!r} calls")
 
 
 def serve(engine: Any, kind: str, inp: BinaryIO, out: BinaryIO) -> None:
     """Answer messages until ``close`` or the end of ``inp``."""
-    write_message(out, encode("ready", info(engine, kind)))
+    write_message(out, encode(Call.READY, info(engine, kind)))
     while True:
         data = read_message(inp)
         if data is None:
             break
-        call = "?"
+        call: Call | None = None
         try:
             call, meta, rows = decode(data)
             reply = handle(engine, kind, call, meta, rows)
         except Exception as e:  # every failure goes back to the caller as a message
             reply = error_message(e)
         write_message(out, reply)
-        if call == "close":
+        if call is Call.CLOSE:
             return
     engine.close()
 

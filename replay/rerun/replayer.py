@@ -352,17 +352,21 @@ class Replayer:
         steps = sorted(set(steps))
         if jobs <= 1 or len(steps) < 2:
             results: list[ReplayResult] = []
-            for chunk in self._batches(steps, config, mode, batch, allow_incomplete):
-                before = len(results)
-                if isinstance(chunk[0], StepPlan):
-                    results += self._replay_batch(chunk, config, mode)
-                else:
-                    results.append(self.replay(chunk[0], config, mode=mode, write=False,
-                                               allow_incomplete=allow_incomplete))
+
+            def replayed(first: int) -> None:
                 if progress:
-                    first, last = results[before].step, results[-1].step
+                    last = results[-1].step
                     what = f"step {first}" if first == last else f"steps {first}-{last}"
                     progress(f"{what} replayed ({len(results)}/{len(steps)})")
+
+            if self._one_step_per_call(config, mode, batch):
+                for s in steps:
+                    results.append(self.replay(s, config, mode=mode, write=False, allow_incomplete=allow_incomplete))
+                    replayed(s)
+            else:
+                for plans in self._calls(steps, batch, allow_incomplete):
+                    results += self._replay_batch(plans, config, mode)
+                    replayed(plans[0].step)
         else:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
@@ -382,16 +386,14 @@ class Replayer:
             self._write(*results)
         return results
 
-    def _batches(self, steps: list[int], config: EngineConfig, mode: str, batch: int,
-                 allow_incomplete: bool):
-        """Consecutive steps cut into engine calls: lists of plans of at most ``batch`` requests
-        (a larger step alone), or ``[step]`` where a step must be replayed on its own."""
-        eng = self._engine(config)
-        forced_ok = eng.supports_forced_output
-        if batch == 1 or config.enable_prefix_caching or (mode == "score" and not forced_ok):
-            for s in steps:
-                yield [s]
-            return
+    def _one_step_per_call(self, config: EngineConfig, mode: str, batch: int) -> bool:
+        """Whether each step needs its own engine call: the prefix cache links a step to the
+        next, or the engine cannot force recorded tokens through a batched generation."""
+        return (batch == 1 or config.enable_prefix_caching
+                or (mode == "score" and not self._engine(config).supports_forced_output))
+
+    def _calls(self, steps: list[int], batch: int, allow_incomplete: bool) -> Iterator[list[StepPlan]]:
+        """Consecutive steps cut into engine calls of at most ``batch`` requests (a larger step alone)."""
         chunk: list[StepPlan] = []
         for s in steps:
             plan = self._plan(s, allow_incomplete)

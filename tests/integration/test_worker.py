@@ -176,3 +176,30 @@ def test_second_venv_without_the_project_fails_with_the_childs_error(tiny_model,
     python = _venv(tmp_path / "bare", with_replay=False)
     with pytest.raises(EngineError, match="No module named"):
         EngineClient("reference", tiny_model, python=str(python), start_timeout=60)
+
+
+def test_a_message_naming_an_unknown_call_gets_an_error_naming_it_and_the_worker_goes_on(tiny_model):
+    """The protocol's calls are an enum: a message naming another is answered with ``error``
+    (its name quoted), and the next calls are served as usual."""
+    import io
+
+    import pyarrow as pa
+
+    from replay.engines.reference.engine import ReferenceEngine
+    from replay.engines.worker import Call, decode, encode, read_message, serve, write_message
+
+    schema = pa.schema([]).with_metadata({b"replay.call": b"frobnicate", b"replay.meta": b"{}",
+                                          b"replay.protocol": b"1"})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, schema) as w:
+        w.write_batch(pa.RecordBatch.from_pylist([], schema=schema))
+    inp, out = io.BytesIO(), io.BytesIO()
+    for message in (sink.getvalue().to_pybytes(), encode(Call.PING), encode(Call.CLOSE)):
+        write_message(inp, message)
+    inp.seek(0)
+    serve(ReferenceEngine(tiny_model, EngineConfig(), seed=0), "reference", inp, out)
+    out.seek(0)
+    replies = [decode(read_message(out)) for _ in range(4)]
+    assert [call for call, _, _ in replies] == [Call.READY, Call.ERROR, Call.PING, Call.CLOSE]
+    assert "'frobnicate'" in replies[1][1]["message"] and replies[2][1]["engine"] == "reference"
+    assert read_message(out) is None

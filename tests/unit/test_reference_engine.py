@@ -153,20 +153,36 @@ def test_top_k_and_topk_logprobs(model_path):
             assert abs(np.logaddexp.reduce(lps)) < 1e-5
 
 
-def test_every_engine_class_has_the_whole_protocol():
-    """The replayer probes no engine for what it can do: each engine class has every method and
-    property of the protocol (the V0 one too, which cannot run here)."""
+def test_every_engine_class_has_the_whole_protocol(model_path):
+    """The replayer probes no engine for what it can do: each engine class has every method of
+    the protocol (its read-only attributes may be set per instance: an engine passes
+    ``isinstance(..., Engine)``, which checks them), and both vLLM backends (V0 too, which cannot run here) have every
+    member of the backend protocol, so V0 and V1 are one engine class."""
     import inspect
 
     from replay.engines.client import EngineClient
-    from replay.engines.vllm.engine import VLLMEngine
-    from replay.engines.vllm.v0 import VLLMV0Engine
+    from replay.engines.vllm.engine import Backend, VLLMEngine
+    from replay.engines.vllm.v0 import V0
+    from replay.engines.vllm.v1 import V1
 
-    members = [n for n, v in vars(Engine).items() if not n.startswith("_") and (callable(v) or isinstance(v, property))]
-    assert {"versions", "activate", "reset_prefix_cache", "generate_groups", "hidden_states"} <= set(members)
-    for cls in (ReferenceEngine, VLLMEngine, VLLMV0Engine, EngineClient):
-        missing = [n for n in members if not inspect.getattr_static(cls, n, None)]
+    def members(proto: type) -> list[str]:
+        return [n for n, v in vars(proto).items()
+                if not n.startswith("_") and (callable(v) or isinstance(v, property))]
+
+    assert {"versions", "activate", "reset_prefix_cache", "generate_groups", "hidden_states", "name",
+            "supports_forced_output", "effective"} <= set(members(Engine))
+    attributes = {"name", "config", "version", "supports_forced_output", "effective", "start_seconds"}
+    for cls in (ReferenceEngine, VLLMEngine, EngineClient):
+        missing = [n for n in members(Engine) if n not in attributes and not inspect.getattr_static(cls, n, None)]
         assert missing == [], (cls.__name__, missing)
+    assert isinstance(ReferenceEngine(model_path, PROCESSED), Engine)
+    wanted = members(Backend) + list(Backend.__annotations__)
+    assert {"engine_kwargs", "create", "effective", "rpc", "pause", "resume", "abort", "name"} <= set(wanted)
+    for backend in (V1, V0):
+        missing = [n for n in wanted if inspect.getattr_static(backend, n, None) is None]
+        assert missing == [], (backend.__name__, missing)
+        assert not issubclass(backend, VLLMEngine)
+    assert (V1.name, V0.name) == ("vllm", "vllm-v0")
 
 
 # ------------------------------------------------------------------- versions

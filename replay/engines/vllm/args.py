@@ -57,8 +57,9 @@ def default_max_model_len(model_path: str) -> int:
 
 
 def engine_kwargs(model_path: str, config: EngineConfig, *, dtype: str | None, device: str,
-                  max_model_len: int, seed: int, extra: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments for ``vllm.EngineArgs`` that realise ``config``.
+                  max_model_len: int, seed: int) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.EngineArgs`` that realise ``config``, common to V1 and
+    V0 (each backend adds its own: V1's logprobs mode, async scheduling, KV size, forcing).
 
     ``device`` is "auto" (whatever the installed vLLM build runs on) or a device type
     that must equal it: vLLM 0.32 picks the device from the build, not from an argument.
@@ -67,27 +68,19 @@ def engine_kwargs(model_path: str, config: EngineConfig, *, dtype: str | None, d
     if device not in ("auto", have):
         raise EngineError(f"device={device!r} requested but the installed vLLM build runs on {have!r}; "
                           "pass device='auto' or install the matching vLLM build")
-    on_cpu = have == "cpu"
     kw: dict[str, Any] = {
         "model": str(model_path),
         "dtype": dtype or config.dtype,
         "seed": seed,
         "max_model_len": max_model_len,
-        "logprobs_mode": config.logprobs_mode,
         "enable_prefix_caching": config.enable_prefix_caching,
-        "async_scheduling": config.async_scheduling,
         # Full-vocabulary prompt logprobs are how processed scoring stays exact.
         "max_logprobs": -1,
         # No graph capture or compilation: start-up in seconds, same kernels every step.
         "enforce_eager": True,
         "disable_log_stats": True,
     }
-    if on_cpu:
-        # An explicit KV-cache size: vLLM's CPU worker otherwise sizes it as a share of
-        # the NUMA node minus this process's RSS, which fails once a second engine (or a
-        # trainer) lives in the same process.
-        kw["kv_cache_memory_bytes"] = 256 * 2**20
-    else:
+    if have != "cpu":
         # Share of GPU memory vLLM reserves; its default 0.92 would starve a trainer
         # sharing the GPU.
         kw["gpu_memory_utilization"] = 0.5
@@ -95,11 +88,6 @@ def engine_kwargs(model_path: str, config: EngineConfig, *, dtype: str | None, d
         # vLLM runs the head in the model dtype unless told otherwise (both directions:
         # an fp32 head on a bf16 model is the fix, a bf16 head on an fp32 model the V1 default).
         kw["hf_overrides"] = {"head_dtype": config.lm_head_dtype}
-    # Teacher forcing through generation (GenRequest.forced_output_ids), see _vllm_forcing.
-    from replay.engines.vllm.forcing import processor_class
-
-    kw["logits_processors"] = [processor_class()]
-    kw.update(extra)
     return kw
 
 

