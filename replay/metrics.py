@@ -45,6 +45,22 @@ METRIC_ALIASES = {
 }
 
 # columns of the per-step relation that step_metrics_sql() returns, in order
+def latest_scoring_sql(alias: str = "") -> str:
+    """SQL sort key of a trainer row (of table ``alias``): of several scorings of one
+    (step, request_id) the one with the largest key counts. That is the one made with the
+    newest weights (``weight_version``; unknown counts as oldest), then the lowest rank,
+    then that rank's latest row: ``time_ns`` only orders rows of one rank (one clock), so
+    clock skew between ranks never decides. :func:`latest_scoring_key` is the same rule."""
+    a = f"{alias}." if alias else ""
+    return (f"[CAST({a}weight_version IS NOT NULL AS BIGINT), coalesce({a}weight_version, 0), "
+            f"-CAST({a}rank AS BIGINT), {a}time_ns]")
+
+
+def latest_scoring_key(weight_version: int | None, rank: int, time_ns: int) -> tuple:
+    """:func:`latest_scoring_sql` in Python: the sort key of one trainer row."""
+    return (int(weight_version is not None), weight_version or 0, -rank, time_ns)
+
+
 STEP_METRIC_COLUMNS = ("step", "n_sequences", "n_tokens", "mean_abs_log_ratio", "k1",
                        "kl_new_old", "clip_rate", "ess", "chi2", "prob_diff", "entropy",
                        "reward", "lag")
@@ -171,8 +187,8 @@ def step_metrics_lists_sql(rollouts: str = "rollouts", trainer: str = "trainer",
     straight from the recording's ``rollouts`` and ``trainer`` tables.
 
     The ``tokens`` view indexes every list once per position; here each rollout is
-    joined once with the trainer's latest scoring of it (largest ``time_ns``, found on
-    the key columns alone) and the lists are unnested side by side, cut to the
+    joined once with the trainer's latest scoring of it (:func:`latest_scoring_sql`,
+    found on the key columns alone) and the lists are unnested side by side, cut to the
     rollout's ``output_ids`` length where a list is longer. The join holds the
     rollouts' side in memory, so that side keeps only its logprobs: when a rollout's
     versions cover exactly the tokens scored (lists as long as ``output_ids``, no
@@ -213,11 +229,10 @@ def step_metrics_lists_sql(rollouts: str = "rollouts", trainer: str = "trainer",
             SELECT t.step, t.request_id, t.weight_version, t.logprobs, t.entropy AS ent
             FROM {tr} t
             JOIN latest l
-            ON t.step = l.step AND t.request_id = l.request_id
-               AND t.time_ns IS NOT DISTINCT FROM l.time_ns
+            ON t.step = l.step AND t.request_id = l.request_id AND {latest_scoring_sql("t")} = l.key
         ) t ON r.step = t.step AND r.request_id = t.request_id
     )"""
-    latest = f"""SELECT step, request_id, max(time_ns) AS time_ns,
+    latest = f"""SELECT step, request_id, max({latest_scoring_sql()}) AS key,
            min(len(logprobs)) AS shortest,
            bool_and(list_count(logprobs) = len(logprobs)) AS clean
     FROM {tr} GROUP BY step, request_id"""

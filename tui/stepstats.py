@@ -13,14 +13,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from replay.metrics import clip_bounds
+from replay.metrics import clip_bounds, latest_scoring_key
 from replay.read.recording import quote_ident
 
 SEQ_COLUMNS = ("step", "request_id", "reward", "lr", "lt", "ent")
 
 
 ROLLOUT_SQL = "SELECT step, request_id, reward, logprobs AS lr{extra} FROM {schema}.rollouts{where}"
-TRAINER_SQL = ("SELECT step, request_id, time_ns, logprobs AS lt, entropy AS ent, weight_version "
+TRAINER_SQL = ("SELECT step, request_id, rank, time_ns, logprobs AS lt, entropy AS ent, weight_version "
                "FROM {schema}.trainer{where}")
 
 
@@ -47,15 +47,18 @@ def _lengths(col: pa.ChunkedArray) -> np.ndarray:
 
 
 def match_trainer(rollouts: pa.Table, trainer: pa.Table) -> np.ndarray:
-    """For each rollout, the row of its latest trainer scoring (by time_ns), or -1."""
+    """For each rollout, the row of its latest trainer scoring (the views' rule,
+    :func:`replay.metrics.latest_scoring_sql`), or -1."""
     keys_r = list(zip(rollouts.column("step").to_pylist(), rollouts.column("request_id").to_pylist()))
     keys_t = list(zip(trainer.column("step").to_pylist(), trainer.column("request_id").to_pylist()))
-    if keys_r == keys_t:
+    if keys_r == keys_t and len(set(keys_t)) == len(keys_t):
         return np.arange(len(keys_r))
-    times = trainer.column("time_ns").to_pylist()
+    order = [latest_scoring_key(*row) for row in zip(trainer.column("weight_version").to_pylist(),
+                                                       trainer.column("rank").to_pylist(),
+                                                       trainer.column("time_ns").to_pylist())]
     latest: dict = {}
-    for j, (k, tm) in enumerate(zip(keys_t, times)):
-        if k not in latest or tm >= times[latest[k]]:
+    for j, k in enumerate(keys_t):
+        if k not in latest or order[j] >= order[latest[k]]:
             latest[k] = j
     return np.array([latest.get(k, -1) for k in keys_r], dtype=np.int64)
 

@@ -256,10 +256,13 @@ def scan_table(table: str, parts: list[Part], cache: StreamCache | None = None, 
 # ---------------------------------------------------------------- derived views
 
 def latest_trainer_sql(s: str) -> str:
-    """The trainer's latest row (by ``time_ns``) of each (step, request_id) of schema ``s``."""
+    """The trainer's latest row of each (step, request_id) of schema ``s``
+    (:func:`replay.metrics.latest_scoring_sql`)."""
+    from replay.metrics import latest_scoring_sql
+
     return f"""SELECT step, request_id, weight_version, logprobs, entropy
     FROM {s}.trainer
-    QUALIFY row_number() OVER (PARTITION BY step, request_id ORDER BY time_ns DESC) = 1"""
+    QUALIFY row_number() OVER (PARTITION BY step, request_id ORDER BY {latest_scoring_sql()} DESC) = 1"""
 
 
 def tokens_sql(s: str) -> str:
@@ -275,7 +278,7 @@ def tokens_sql(s: str) -> str:
     reference moved from the token's version to the trainer's; ``e_trainer = lp_trainer -``
     that reference. ``ref_floor`` is the measured floor of the token (NULL unless sampled).
 
-    The trainer's latest scoring (by ``time_ns``) of each (step, request_id) and the
+    The trainer's latest scoring (:func:`~replay.metrics.latest_scoring_sql`) of each (step, request_id) and the
     latest generation of its reference are joined on the whole sequence first, then
     unnested by position together, so the view costs one pass over the token lists and
     no token-level join.

@@ -66,11 +66,15 @@ READER = textwrap.dedent("""
         return ds.dataset(files, format="ipc").to_table(columns=columns).to_pylist()
 
     rollouts = table("rollouts", ["step", "request_id", "output_ids", "logprobs", "reward"])
-    trainer = table("trainer", ["step", "request_id", "time_ns", "logprobs"])
+    trainer = table("trainer", ["step", "request_id", "weight_version", "rank", "time_ns", "logprobs"])
     latest = {}
+
+    def newer(t):  # newest weights, then lowest rank, then that rank's latest row
+        return (t["weight_version"] is not None, t["weight_version"] or 0, -t["rank"], t["time_ns"])
+
     for t in trainer:
         key = (t["step"], t["request_id"])
-        if key not in latest or t["time_ns"] > latest[key]["time_ns"]:
+        if key not in latest or newer(t) > newer(latest[key]):
             latest[key] = t
     steps = defaultdict(lambda: {"n_sequences": 0, "reward": 0.0, "n_tokens": 0, "abs": 0.0, "kl": 0.0})
     for r in rollouts:
