@@ -113,20 +113,13 @@ def _shorten(label: Any) -> Any:
     return label
 
 
-def _table_of(ablation: Any) -> tuple[list[str], list[tuple]]:
-    if ablation is None:
-        return [], []
-    if hasattr(ablation, "to_pylist"):
-        ablation = ablation.to_pylist()
-    if hasattr(ablation, "to_dict") and hasattr(ablation, "columns"):
-        ablation = ablation.to_dict("records")
-    rows = list(ablation)
+def _table_of(ablation: list[dict] | None) -> tuple[list[str], list[tuple]]:
+    """Columns and rows of the core's ablation table (a list of dicts, one per fix set)."""
+    rows = list(ablation or [])
     if not rows:
         return [], []
-    if isinstance(rows[0], dict):
-        cols = [c for c in ABLATION_FIRST if c in rows[0]] + [c for c in rows[0] if c not in ABLATION_FIRST]
-        return cols, [tuple(_shorten(r.get(c)) if c == "label" else r.get(c) for c in cols) for r in rows]
-    return [f"c{i}" for i in range(len(rows[0]))], [tuple(r) for r in rows]
+    cols = [c for c in ABLATION_FIRST if c in rows[0]] + [c for c in rows[0] if c not in ABLATION_FIRST]
+    return cols, [tuple(_shorten(r.get(c)) if c == "label" else r.get(c) for c in cols) for r in rows]
 
 
 def run_bisect_fixes(req: ReplayRequest, progress: ProgressFn | None = None) -> FixBisection:

@@ -7,3 +7,15 @@
 
 Each submodule imports its framework inside the functions that need it.
 """
+from __future__ import annotations
+
+from typing import Any
+
+
+def as_version(value: Any) -> int | None:
+    """A weight version as the adapters read one from a framework's value: an int, or
+    None where the value is missing or is not a number."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None

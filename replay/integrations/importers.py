@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from replay.errors import BadInput
+from replay.integrations import as_version
 
 KINDS = ("slime", "jsonl", "parquet")
 _SLIME_FINISH = {"completed": "stop", "truncated": "length", "aborted": "abort", "failed": "failed"}
@@ -134,13 +135,6 @@ def _scalar(value: Any, where: str, name: str, kind: type = float) -> Any:
     return out
 
 
-def _version(value: Any) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def _versions(value: Any, n: int, where: str, name: str) -> list[int] | None:
     if value is None:
         return None
@@ -148,11 +142,11 @@ def _versions(value: Any, n: int, where: str, name: str) -> list[int] | None:
         value = value.tolist()
     if isinstance(value, (list, tuple)):
         if len(value) == n:
-            vs = [v for v in map(_version, value) if v is not None]
+            vs = [v for v in map(as_version, value) if v is not None]
             return vs if len(vs) == n else None
-        v = _version(value[-1]) if value else None  # slime: one version per generation call
+        v = as_version(value[-1]) if value else None  # slime: one version per generation call
         return None if v is None else [v] * n
-    v = _version(value)
+    v = as_version(value)
     if v is None:
         raise BadInput(f"{where}: field {name!r} must be an int or a list of ints, got {value!r}", field=name)
     return [v] * n
@@ -267,7 +261,7 @@ def _slime_turn_versions(value: Any, n: int, turns: list, where: str) -> list[li
     if isinstance(value, (list, tuple)) and value and len(turns) > 1 and len(value) != n:
         if len(value) != len(turns):
             return None
-        vs = [_version(v) for v in value]
+        vs = [as_version(v) for v in value]
         return [None if v is None else [v] * (e - s) for v, (s, e) in zip(vs, turns)]
     whole = _versions(value or None, n, where, "weight_versions")
     return [None if whole is None else whole[s:e] for s, e in turns]

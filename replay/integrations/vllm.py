@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from replay.errors import BadInput
+from replay.integrations import as_version
 from replay.engines.factory import vllm_version
 from replay.fixes import EngineConfig
 
@@ -131,15 +132,6 @@ def _per_completion(value: Any, i: int, n_comp: int, name: str, request_id: str)
     return value
 
 
-def _as_version(v: Any) -> int | None:
-    if v is None:
-        return None
-    try:
-        return int(v)
-    except (TypeError, ValueError):
-        return None
-
-
 def _token_versions(weight_version: Any, completion: Any, n: int, request_id: str) -> list[int] | None:
     if weight_version is None:
         spans = getattr(completion, "weight_versions", None)
@@ -147,7 +139,7 @@ def _token_versions(weight_version: Any, completion: Any, n: int, request_id: st
             return None
         out: list[int | None] = [None] * n
         for span in spans:
-            v = _as_version(span.version)
+            v = as_version(span.version)
             for j in range(max(0, span.start), min(n, span.end)):
                 out[j] = v
         return None if any(v is None for v in out) else out  # type: ignore[return-value]

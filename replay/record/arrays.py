@@ -131,18 +131,19 @@ class ConversionError(ValueError):
     """One row's value could not be converted; ``reason`` says why."""
 
 
-def dtype_ok(dtype: np.dtype, kind: str) -> bool:
-    return dtype.kind in ("iu" if KINDS[kind][1] else "iuf")
+def dtype_fits(dtype: np.dtype, kind: str, empty: bool = False) -> bool:
+    """Whether an array of ``dtype`` may be stored as ``kind`` (an empty float array may
+    hold integers: ``np.array([])`` is float64)."""
+    k = dtype.kind
+    if KINDS[kind][1]:
+        return k in "iu" or (k == "f" and empty)
+    return k in "iuf"
 
 
 def dtype_reason(arr: np.ndarray, kind: str) -> str | None:
-    k = arr.dtype.kind
-    if KINDS[kind][1]:
-        if k not in "iu" and not (k == "f" and arr.size == 0):  # np.array([]) is float64
-            return f"dtype {arr.dtype} is not an integer dtype"
-    elif k not in "iuf":
-        return f"dtype {arr.dtype} is not numeric"
-    return None
+    if dtype_fits(arr.dtype, kind, arr.size == 0):
+        return None
+    return f"dtype {arr.dtype} is {'not an integer dtype' if KINDS[kind][1] else 'not numeric'}"
 
 
 def row_array(value: Any, kind: str, ndim: int = 1) -> np.ndarray:
@@ -190,7 +191,7 @@ def flat_column(values: list[Any], kind: str) -> tuple[np.ndarray, np.ndarray, d
     if set(map(type, values)) != {np.ndarray}:
         values = [resolve(v) for v in values]
     if values and set(map(type, values)) == {np.ndarray} and all(
-            nd == 1 and dtype_ok(dt, kind) for dt, nd in {(v.dtype, v.ndim) for v in values}):
+            nd == 1 and dtype_fits(dt, kind) for dt, nd in {(v.dtype, v.ndim) for v in values}):
         try:
             flat = np.concatenate(values) if len(values) > 1 else values[0]
             lengths = np.fromiter(map(len, values), np.int64, len(values))

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from replay.record import validate as v
 from replay.record.arrays import (
-    KINDS, ConversionError, checked_cast, dtype_ok, dtype_reason, flat_column, list_array, resolve, topk_arrays,
+    KINDS, ConversionError, checked_cast, dtype_fits, flat_column, list_array, resolve, topk_arrays,
 )
 
 # ---------------------------------------------------------------- rows -> Arrow batches
@@ -117,34 +117,24 @@ def build_rows(table: str, schema: pa.Schema, items: list[tuple], rank: int, tra
     return Built(_batch(schema, arrays), rejects, int(cols[tok][1].sum()))
 
 
-def _topk_fast(row: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """The arrays of a well-shaped top-k call, not yet cast or range-checked; None otherwise."""
-    ids, lps, pos = (resolve(row.get(k)) for k in ("ids", "logprobs", "positions"))
-    if not (type(ids) is np.ndarray and type(lps) is np.ndarray and ids.ndim == 2 and lps.shape == ids.shape
-            and dtype_reason(ids, "int32") is None and dtype_reason(lps, "float32") is None):
-        return None
-    if pos is None:
-        return ids, lps, np.arange(ids.shape[0], dtype=np.int32)
-    if type(pos) is np.ndarray and pos.shape == (ids.shape[0],) and dtype_reason(pos, "int32") is None:
-        return ids, lps, pos
-    return None
-
-
 def _topk_columns(rows: list[dict]) -> list[tuple] | None:
-    """:func:`_topk_fast` for a whole batch with a few set operations; None unless all are well-shaped."""
-    ids: list[Any] = [r.get("ids") for r in rows]
-    lps: list[Any] = [r.get("logprobs") for r in rows]
-    pos: list[Any] = [r.get("positions") for r in rows]
+    """The arrays of each top-k call (ids, logprobs, positions), not yet cast or range-checked,
+    when every call is well-shaped; None otherwise. Dtypes are checked once per distinct
+    dtype, so a batch costs a few set operations."""
+    ids: list[Any] = [resolve(r.get("ids")) for r in rows]
+    lps: list[Any] = [resolve(r.get("logprobs")) for r in rows]
+    pos: list[Any] = [resolve(r.get("positions")) for r in rows]
     if not (set(map(type, ids)) == {np.ndarray} == set(map(type, lps))
-            and all(nd == 2 and dtype_ok(dt, "int32") for dt, nd in {(a.dtype, a.ndim) for a in ids})
-            and all(dtype_ok(dt, "float32") for dt in {a.dtype for a in lps})
+            and all(nd == 2 and dtype_fits(dt, "int32", empty)
+                    for dt, nd, empty in {(a.dtype, a.ndim, a.size == 0) for a in ids})
+            and all(dtype_fits(dt, "float32", empty) for dt, empty in {(a.dtype, a.size == 0) for a in lps})
             and [a.shape for a in ids] == [a.shape for a in lps]):
         return None
     types = set(map(type, pos))
     if types == {type(None)}:
         pos = [np.arange(a.shape[0], dtype=np.int32) for a in ids]
-    elif not (types == {np.ndarray} and all(nd == 1 and dtype_ok(dt, "int32") for dt, nd in
-                                            {(p.dtype, p.ndim) for p in pos})
+    elif not (types == {np.ndarray} and all(nd == 1 and dtype_fits(dt, "int32", empty) for dt, nd, empty in
+                                            {(p.dtype, p.ndim, p.size == 0) for p in pos})
               and [len(p) for p in pos] == [a.shape[0] for a in ids]):
         return None
     return list(zip(ids, lps, pos))
@@ -182,7 +172,8 @@ def build_topk(schema: pa.Schema, items: list[tuple], rank: int, tracker: Any) -
     for i, row in enumerate(rows):
         if i in bad:
             continue
-        m = whole[i] if whole is not None else _topk_fast(row)
+        one = whole[i:i + 1] if whole is not None else _topk_columns([row])
+        m = one[0] if one else None
         if m is None:
             bad[i] = _topk_problem(row) or v.Problem("ids", "top-k values of an unexpected kind")
         else:
