@@ -7,9 +7,14 @@ between steps. The lines that record are marked ``# replay``: ``attach`` wraps t
 ``LLM`` (engine config, checkpoint, rollouts with versions and submission order, weight
 updates), and a ``TrainerHook`` takes the trainer's logprob pass.
 
-Runs on the CPU with a tiny model built locally::
+Every prompt starts with the same 32-token instruction, as RL prompts share a system
+prompt: with ``--block-size 32`` vLLM's prefix cache serves that block to the later
+steps' requests from KV computed under older weights (the update does not reset the
+cache), and the recording holds each request's cached-token count.
 
-    python examples/pipelinerl_style.py --out recordings/pipelinerl-style --steps 3
+Runs on the CPU with a tiny model built locally (``--arch qwen2`` or ``llama``)::
+
+    python examples/pipelinerl_style.py --out recordings/pipelinerl-style --steps 3 --arch llama --block-size 32
     replay sql recordings/pipelinerl-style "SELECT step, avg(abs(log_ratio)) FROM tokens GROUP BY step"
     replay check recordings/pipelinerl-style      # rerun, bisect and diagnose: all there
     replay rerun recordings/pipelinerl-style --engine vllm --step all
@@ -27,6 +32,9 @@ from replay.integrations.torch import TrainerHook  # replay
 from replay.integrations.vllm import attach  # replay
 
 DIGITS = range(4, 14)  # token ids of "0".."9" in replay.models' vocabulary
+# The same 32 token ids before every problem, as a system prompt: "<bos> answer : 0 1 ... 9 . sort
+# copy ... yes : answer :" in replay.models' vocabulary.
+INSTRUCTION = [1, 42, 14, *range(4, 14), 25, *range(26, 41), 14, 42, 14]
 
 
 def reward(output_ids: list[int]) -> float:
@@ -74,15 +82,21 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="recordings/models/tiny", help="checkpoint folder (built if missing)")
     ap.add_argument("--steps", type=int, default=3, help="RL steps")
     ap.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
+    ap.add_argument("--arch", choices=("qwen2", "llama"), default="qwen2", help="architecture of the built model")
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="vLLM's KV block size (a multiple of 32 on the CPU build; default: vLLM's)")
     args = ap.parse_args(argv)
 
-    path = build_model(args.model, size="tiny", seed=0)
+    path = build_model(args.model, size="tiny", seed=0, arch=args.arch)
+    engine_args = {} if args.block_size is None else {"block_size": args.block_size}
     llm = LLM(model=str(path), dtype="bfloat16", enforce_eager=True, gpu_memory_utilization=0.1, seed=0,
-              kv_cache_memory_bytes=256 * 2**20, logprobs_mode="processed_logprobs", max_model_len=128)
+              kv_cache_memory_bytes=256 * 2**20, logprobs_mode="processed_logprobs", max_model_len=128,
+              enable_prefix_caching=True, **engine_args)
     model = load_model(path, dtype="float32").train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     sp = SamplingParams(n=4, temperature=args.temperature, max_tokens=8, logprobs=2, seed=1)
-    prompts = [{"prompt_token_ids": [1, 35, 14, 5, 15, 6]}, {"prompt_token_ids": [1, 26, 14, 9, 15, 4, 15, 7]}]
+    prompts = [{"prompt_token_ids": INSTRUCTION + [35, 14, 5, 15, 6]},
+               {"prompt_token_ids": INSTRUCTION + [26, 14, 9, 15, 4, 15, 7]}]
 
     run = attach(llm, args.out, weight_update="paused", run_config={"example": "pipelinerl_style"})  # replay
     hook = TrainerHook(run.rec, k=5, temperature=args.temperature, weight_version=0)  # replay

@@ -1,4 +1,4 @@
-"""Tiny Qwen2 checkpoints built locally, and loaders for any HF-format checkpoint.
+"""Tiny Qwen2 and Llama checkpoints built locally, and loaders for any HF-format checkpoint.
 
 Nothing is downloaded: :func:`build_model` writes a complete HF-format folder
 (``config.json``, ``model.safetensors``, ``tokenizer.json``, ``tokenizer_config.json``,
@@ -6,7 +6,9 @@ Nothing is downloaded: :func:`build_model` writes a complete HF-format folder
 (CPU and GPU builds) and the reference engine all load. A user's own local
 checkpoint folder works wherever a built one does.
 
-Sizes (head_dim is 64 for both: vLLM's CPU attention rejects smaller heads):
+Two architectures (``arch``): ``qwen2`` (the default; biases on q, k and v) and ``llama``
+(no biases), same sizes, same vocabulary. Sizes (head_dim is 64 for both: vLLM's CPU
+attention rejects smaller heads):
 
 ======= ====== ====== ===== ======== ============ ============
 size    hidden layers heads KV heads intermediate parameters
@@ -65,6 +67,7 @@ DEFAULT_VOCAB: tuple[str, ...] = (
 # Bumped whenever the bytes a (size, seed, vocab) triple produces change.
 FORMAT_VERSION = 2
 MARKER = ".replay-model.json"
+ARCHS = ("qwen2", "llama")
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                     "special_tokens_map.json", "generation_config.json")
 
@@ -144,20 +147,25 @@ def recording_model(recording: str | Path, run_config: dict | None) -> Path:
 
 
 def build_model(out_dir: str | Path, size: str = "tiny", seed: int = 0,
-                vocab: Sequence[str] | None = None) -> Path:
-    """Write a random-weight Qwen2 checkpoint in HF format to ``out_dir`` and return its path.
+                vocab: Sequence[str] | None = None, arch: str = "qwen2") -> Path:
+    """Write a random-weight checkpoint of ``arch`` (:data:`ARCHS`) in HF format to
+    ``out_dir`` and return its path.
 
     ``vocab`` lists the ordinary tokens (the four special tokens come first and are
     added for you); it defaults to :data:`DEFAULT_VOCAB`. Deterministic: the same
-    (size, seed, vocab) writes the same bytes. Idempotent: if ``out_dir`` already
+    (arch, size, seed, vocab) writes the same bytes. Idempotent: if ``out_dir`` already
     holds that model (marker file plus every checkpoint file), it returns at once.
     """
     if size not in SIZES:
         raise BadInput(f"unknown model size {size!r}; known sizes: {', '.join(SIZES)}", field="size")
+    if arch not in ARCHS:
+        raise BadInput(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}", field="arch")
     tokens = _full_vocab(vocab)
     out = Path(out_dir)
     marker = {"format_version": FORMAT_VERSION, "size": size, "seed": int(seed),
               "vocab_sha256": hashlib.sha256("\n".join(tokens).encode()).hexdigest()}
+    if arch != "qwen2":   # Qwen2 folders built before there was a choice keep their marker
+        marker["arch"] = arch
     if _marker_matches(out, marker):
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -166,11 +174,11 @@ def build_model(out_dir: str | Path, size: str = "tiny", seed: int = 0,
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out))
     try:
         shape = SIZES[size]
-        _write_json(tmp / "config.json", _config_dict(shape, len(tokens)))
+        _write_json(tmp / "config.json", _config_dict(shape, len(tokens), arch))
         _write_json(tmp / "generation_config.json", {
             "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "do_sample": True,
         })
-        _write_weights(tmp / "model.safetensors", shape, len(tokens), seed)
+        _write_weights(tmp / "model.safetensors", shape, len(tokens), seed, arch)
         _write_tokenizer(tmp, tokens)
         _write_json(tmp / MARKER, marker)
         (out / MARKER).unlink(missing_ok=True)  # a half-replaced folder must not look complete
@@ -203,12 +211,12 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def _config_dict(shape: ModelShape, vocab_size: int) -> dict:
+def _config_dict(shape: ModelShape, vocab_size: int, arch: str = "qwen2") -> dict:
     head_dim = shape.hidden_size // shape.num_attention_heads
     rope_theta = 10000.0
-    return {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
+    config = {
+        "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
+        "model_type": arch,
         "vocab_size": vocab_size,
         "hidden_size": shape.hidden_size,
         "intermediate_size": shape.intermediate_size,
@@ -236,10 +244,16 @@ def _config_dict(shape: ModelShape, vocab_size: int) -> dict:
         "eos_token_id": EOS_ID,
         "pad_token_id": PAD_ID,
     }
+    if arch == "llama":
+        for key in ("use_sliding_window", "sliding_window", "max_window_layers"):
+            del config[key]
+        config.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    return config
 
 
-def random_state_dict(shape: ModelShape, vocab_size: int, seed: int) -> dict:
-    """HF-named float32 tensors of a random Qwen2 with ``shape``, drawn from one seeded generator."""
+def random_state_dict(shape: ModelShape, vocab_size: int, seed: int, arch: str = "qwen2") -> dict:
+    """HF-named float32 tensors of a random ``arch`` model with ``shape``, drawn from one
+    seeded generator (a Llama draws the same tensors but the q/k/v biases)."""
     import torch
 
     gen = torch.Generator().manual_seed(int(seed))
@@ -254,12 +268,11 @@ def random_state_dict(shape: ModelShape, vocab_size: int, seed: int) -> dict:
     for i in range(shape.num_hidden_layers):
         p = f"model.layers.{i}."
         sd[p + "input_layernorm.weight"] = 1.0 + normal(h, std=0.05)
-        sd[p + "self_attn.q_proj.weight"] = normal(h, h, std=h ** -0.5)
-        sd[p + "self_attn.q_proj.bias"] = normal(h, std=0.02)
-        sd[p + "self_attn.k_proj.weight"] = normal(kv, h, std=h ** -0.5)
-        sd[p + "self_attn.k_proj.bias"] = normal(kv, std=0.02)
-        sd[p + "self_attn.v_proj.weight"] = normal(kv, h, std=h ** -0.5)
-        sd[p + "self_attn.v_proj.bias"] = normal(kv, std=0.02)
+        for name, rows in (("q_proj", h), ("k_proj", kv), ("v_proj", kv)):
+            sd[p + f"self_attn.{name}.weight"] = normal(rows, h, std=h ** -0.5)
+            bias = normal(rows, std=0.02)   # drawn for both, so both draw the same other tensors
+            if arch == "qwen2":
+                sd[p + f"self_attn.{name}.bias"] = bias
         sd[p + "self_attn.o_proj.weight"] = normal(h, h, std=0.5 * h ** -0.5)
         sd[p + "post_attention_layernorm.weight"] = 1.0 + normal(h, std=0.05)
         sd[p + "mlp.gate_proj.weight"] = normal(inter, h, std=h ** -0.5)
@@ -271,11 +284,11 @@ def random_state_dict(shape: ModelShape, vocab_size: int, seed: int) -> dict:
     return sd
 
 
-def _write_weights(path: Path, shape: ModelShape, vocab_size: int, seed: int) -> None:
+def _write_weights(path: Path, shape: ModelShape, vocab_size: int, seed: int, arch: str) -> None:
     import torch
     from safetensors.torch import save_file
 
-    sd = {k: v.to(torch.bfloat16).contiguous() for k, v in random_state_dict(shape, vocab_size, seed).items()}
+    sd = {k: v.to(torch.bfloat16).contiguous() for k, v in random_state_dict(shape, vocab_size, seed, arch).items()}
     save_file(dict(sorted(sd.items())), str(path), metadata={"format": "pt"})
 
 

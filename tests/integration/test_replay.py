@@ -327,7 +327,14 @@ def test_the_floor_does_not_depend_on_what_ran_before(runs, tmp_path):
 
     path = tmp_path / "v1"
     shutil.copytree(runs / "v1", path)
-    before = floors(reference_scores(path, write=False).seqs)[0]
+    first = reference_scores(path, write=False).seqs
     bisect_fixes(path, 1, write=True)
-    after = floors(reference_scores(path).seqs)[0]
-    assert (after.n, after.mean) == (before.n, pytest.approx(before.mean, rel=1e-12))
+    again = reference_scores(path).seqs
+    sampled = [{(s.step, s.request_id) for s in seqs if s.floor is not None} for seqs in (first, again)]
+    assert sampled[0] == sampled[1] and sampled[0]        # the same sample of sequences
+    before, after = floors(first)[0], floors(again)[0]
+    # The same values too, up to float32 rounding: the step the bisection stored was scored in
+    # another batch shape, and some CPUs' kernels round a row differently by batch size; a
+    # floor sample is a difference of two scores, each within an ulp (at |lp| ~ 1) of itself.
+    assert after.n == before.n
+    assert after.mean == pytest.approx(before.mean, rel=0, abs=float(np.finfo(np.float32).eps))

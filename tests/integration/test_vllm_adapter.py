@@ -8,6 +8,7 @@ read back with DuckDB and compared with what vLLM returned.
 from __future__ import annotations
 
 import gc
+import json
 import os
 
 import numpy as np
@@ -202,8 +203,10 @@ def _by_logprob(ids, lps):
 
 
 def test_pipelinerl_style_example_records_a_run(tmp_path):
-    """examples/pipelinerl_style.py runs two RL steps on the CPU and leaves a recording whose
-    tokens view pairs every rollout token with the trainer's logprob and weight versions."""
+    """examples/pipelinerl_style.py runs two RL steps of a tiny Llama on vLLM's CPU build with a
+    32-token KV block, and leaves a recording whose tokens view pairs every rollout token with
+    the trainer's logprob and weight versions; the second step's requests took the shared
+    instruction's block from the prefix cache, computed under the first step's weights."""
     import subprocess
     import sys
     from pathlib import Path
@@ -212,7 +215,8 @@ def test_pipelinerl_style_example_records_a_run(tmp_path):
 
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, str(root / "examples" / "pipelinerl_style.py"), "--out",
-                           str(tmp_path / "rec"), "--model", str(tmp_path / "model"), "--steps", "2"],
+                           str(tmp_path / "rec"), "--model", str(tmp_path / "model"), "--steps", "2",
+                           "--arch", "llama", "--block-size", "32"],
                           capture_output=True, text=True, timeout=400, cwd=root,
                           env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -228,10 +232,14 @@ def test_pipelinerl_style_example_records_a_run(tmp_path):
     assert kinds.count("weights_update_end") == 2
     modes = rec.sql("SELECT DISTINCT logprobs_mode FROM rollouts").fetchall()
     assert modes == [("processed_logprobs",)]
+    # the instruction's block is served from the cache at step 1 (stale: version 0's KV)
+    cached = dict(rec.sql("SELECT step, min(num_cached_tokens) FROM rollouts GROUP BY step").fetchall())
+    assert cached[1] == 32, cached
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["model_type"] == "llama"
     rec.close()
     # Recorded through the adapters only, the run is replayable anywhere: copied to another folder,
-    # its checkpoint gone, vLLM replays every step and gives back every recorded logprob, bit for bit.
-    import json
+    # its checkpoint gone, vLLM replays every step (the recorded block size, the prefix cache's
+    # stale hits) and gives back every recorded logprob, bit for bit.
     import shutil
 
     moved = tmp_path / "elsewhere" / "rec"
@@ -247,3 +255,5 @@ def test_pipelinerl_style_example_records_a_run(tmp_path):
     steps = json.loads(proc.stdout)
     assert [s["step"] for s in steps] == [0, 1]
     assert all(s["fidelity"]["exact"] for s in steps), [s["fidelity"] for s in steps]
+    hits = steps[1]["prefix_cache"]
+    assert hits["recorded_tokens"] == hits["replayed_tokens"] > 0 and not hits.get("requests_differ"), hits

@@ -115,3 +115,23 @@ def test_custom_vocab_and_bad_inputs(tmp_path):
         load_model(tmp_path / "nowhere")
     marker = json.loads((path / ".replay-model.json").read_text())
     assert marker["size"] == "tiny" and marker["seed"] == 0
+
+
+def test_a_llama_checkpoint_is_the_qwen2_one_without_the_attention_biases(tmp_path):
+    """Same seed, same size: the Llama folder holds the Qwen2 tensors minus q/k/v biases, loads
+    as a ``LlamaForCausalLM``, and a Qwen2 folder keeps the marker it had before there was a choice."""
+    from safetensors.torch import load_file
+
+    from replay.models import MARKER
+
+    q = build_model(tmp_path / "q", "tiny", seed=2)
+    ll = build_model(tmp_path / "l", "tiny", seed=2, arch="llama")
+    sq, sl = load_file(str(q / "model.safetensors")), load_file(str(ll / "model.safetensors"))
+    assert set(sq) - set(sl) == {f"model.layers.{i}.self_attn.{n}_proj.bias" for i in range(2) for n in "qkv"}
+    assert set(sl) <= set(sq) and all(torch.equal(sl[k], sq[k]) for k in sl)
+    assert "arch" not in json.loads((q / MARKER).read_text())
+    model = load_model(ll, dtype="float32")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert build_model(tmp_path / "l", "tiny", seed=2, arch="llama") == ll   # idempotent
+    with pytest.raises(BadInput, match="architecture"):
+        build_model(tmp_path / "x", "tiny", arch="gpt2")
