@@ -74,6 +74,8 @@ An update not finished when the call ends is completed before ``generate()`` ret
 
 **Stops**: a request ends after a token in ``stop_token_ids`` or, unless the engine
 was built with ``ignore_eos=True``, the checkpoint's ``eos_token_id`` (vLLM's default);
+a forced request (``forced_output_ids``) ends after its last forced token only, since the
+recording it comes from went on past any EOS or stop token inside it;
 the stop token is part of ``output_ids``, as in vLLM's ``token_ids``.
 
 **Seeds**: each request samples from its own ``torch.Generator`` (seeded from
@@ -113,13 +115,23 @@ class _Running:
     finish: str | None = None
 
 
+@dataclass(frozen=True)
+class _Action:
+    """One scheduled part of a weight update: at decode ``step``, the reported version
+    changes (``weights=False``) or every unit serves the new version (``weights=True``)."""
+
+    step: int
+    weights: bool
+    version: int
+
+
 @dataclass
 class _Group:
     """One group's state during generate_groups(): its serving view, reported version, pending actions."""
 
     view: Any                                # ServingView
     version: int                             # the version reported for the tokens it emits now
-    actions: list[tuple[int, str, int]]
+    actions: list[_Action]
     runs: list[_Running]
 
 
@@ -206,10 +218,10 @@ class ReferenceEngine:
 
     # ---------------------------------------------------------------- schedule
 
-    def _schedule(self, updates: Sequence[WeightUpdate]) -> list[tuple[int, str, int]]:
-        """Actions ``(step, what, version)`` in application order; ``what`` is "label" (the
-        reported version changes) or "weights" (every unit serves the new version)."""
-        actions = []
+    def _schedule(self, updates: Sequence[WeightUpdate]) -> list[_Action]:
+        """The updates' actions in application order (at one step: an update's label before its
+        weights, updates in their order)."""
+        actions: list[tuple[int, int, _Action]] = []
         for order, u in enumerate(sorted(updates, key=lambda u: u.after_step)):
             if u.version not in self._weights:
                 raise BadInput(f"weight update to version {u.version} at step {u.after_step}, but that "
@@ -218,17 +230,16 @@ class ReferenceEngine:
                 raise BadInput(f"after_step must be >= 0, not {u.after_step}", field="updates")
             s = u.after_step
             lag = self.config.async_scheduling and self.config.weight_update == "concurrent" and s > 0
-            actions.append((s, order, 0, "label", u.version))
-            actions.append((s + int(lag), order, 1, "weights", u.version))
-        actions.sort(key=lambda a: (a[0], a[1], a[2]))
-        return [(a[0], a[3], a[4]) for a in actions]
+            actions.append((s, order, _Action(s, False, u.version)))
+            actions.append((s + int(lag), order, _Action(s + int(lag), True, u.version)))
+        actions.sort(key=lambda a: (a[0], a[1], a[2].weights))
+        return [a[2] for a in actions]
 
-    def _apply(self, action: tuple[int, str, int], state: "_Group") -> None:
-        _, what, version = action
-        if what == "label":
-            state.version = version
+    def _apply(self, action: _Action, state: "_Group") -> None:
+        if action.weights:
+            state.view = self._uniform(action.version)
         else:
-            state.view = self._uniform(version)
+            state.version = action.version
 
     def _uniform(self, version: int) -> Any:
         from replay.engines.reference.model import ServingView
@@ -307,7 +318,7 @@ class ReferenceEngine:
             while any(run.finish is None for st in states for run in st.runs):
                 batches: dict[tuple, list[tuple[_Running, _Group]]] = {}
                 for st in states:
-                    while st.actions and st.actions[0][0] <= step:
+                    while st.actions and st.actions[0].step <= step:
                         self._apply(st.actions.pop(0), st)
                     for run in st.runs:
                         if run.finish is None and run.req.arrival_step <= step:
@@ -395,9 +406,12 @@ class ReferenceEngine:
             ids, vals = top_logprobs(lp, r.num_topk)
             run.topk_ids.append(ids)
             run.topk_lps.append(vals)
-        if token in r.stop_token_ids or (not self.ignore_eos and token in self.arch.eos_token_ids):
+        if forced is not None:   # the recorded tokens say where it ended (an EOS inside was not a stop)
+            if len(run.out) >= len(forced):
+                run.finish = "length"
+        elif token in r.stop_token_ids or (not self.ignore_eos and token in self.arch.eos_token_ids):
             run.finish = "stop"
-        elif len(run.out) >= (len(forced) if forced is not None else r.max_tokens):
+        elif len(run.out) >= r.max_tokens:
             run.finish = "length"
 
     def hidden_states(self, token_ids: Sequence[int]) -> list[Any]:

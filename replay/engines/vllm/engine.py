@@ -257,7 +257,8 @@ class VLLMEngine:
             if not forced or any(not 0 <= int(t) < vocab for t in forced):
                 raise BadInput("forced_output_ids must be non-empty token ids inside the vocabulary",
                                field="forced_output_ids", request_id=r.request_id)
-            params["max_tokens"] = len(forced)
+            # the recorded tokens say where it ended: an EOS or stop token inside them was not a stop
+            params.update(max_tokens=len(forced), ignore_eos=True, stop_token_ids=[])
             params["extra_args"] = {fz.FORCED_KEY: [int(t) for t in forced], fz.ID_KEY: tag + r.request_id}
         return params
 
