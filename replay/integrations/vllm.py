@@ -26,6 +26,11 @@ weights into the running engine, stores them and records the update::
         run.update_weights(k + 1, model.state_dict(), step=k)
     run.close()
 
+:func:`attach_async` does the same for an ``AsyncLLM`` whose weights are updated while
+requests are in flight (:class:`RecordedAsyncLLM`): each token carries the version vLLM
+stamps on it, and a replay finds from those versions where each update landed and when each
+request joined the running batch.
+
 vLLM is never imported here at module level: the functions read attributes of the objects
 given.
 """
@@ -411,25 +416,15 @@ class RecordedLLM:
         """Load ``state_dict`` into the engine between two steps and record it: the update
         (mode, version), and the weights (``store``: "delta" against the previous version
         stored, "full", or "hash" for a hash only)."""
-        import torch
-
-        if store not in ("delta", "full", "hash"):
-            raise BadInput(f"store must be delta, full or hash, not {store!r}", field="store")
+        _check_store(store)
         self.rec.event("weights_update_start", step=step, weight_version=int(version), mode=self.weight_update,
                        between_steps=True)
         load_weights(self.llm, state_dict)
-        host = {k: (v.detach().to("cpu") if isinstance(v, torch.Tensor) else v) for k, v in state_dict.items()}
-        if store == "hash":
-            from replay.store.weights import serialize_state_dict
-
-            self.rec.weights(version=int(version), step=step,
-                             sha256=hashlib.sha256(serialize_state_dict(host)).hexdigest())
-        else:
-            self.rec.weights(version=int(version), step=step, state_dict=host, delta=store == "delta")
         set_version = getattr(getattr(self.llm, "llm_engine", None), "set_weight_version", None)
         if callable(set_version):
             set_version(str(int(version)))
         self.version = int(version)
+        _store_weights(self.rec, self.version, state_dict, step=step, store=store)
         self.rec.event("weights_update_end", step=step, weight_version=self.version, mode=self.weight_update,
                        between_steps=True)
 
@@ -450,6 +445,14 @@ def attach(llm: Any, path: Any, *, weight_update: str = "paused", run_config: di
     what :meth:`RecordedLLM.update_weights` does; "concurrent" if generation goes on).
     ``model``: put the engine's checkpoint in the recording (True), another folder (a path),
     or nothing (False). ``recorder_kw`` go to :class:`~replay.Recorder`."""
+    rec, info = _open(llm, path, weight_update, run_config, model, store_model_weights, recorder_kw)
+    return RecordedLLM(llm, rec, weight_update=weight_update, engine_info=info)
+
+
+def _open(llm: Any, path: Any, weight_update: str, run_config: dict | None, model: bool | str,
+          store_model_weights: bool, recorder_kw: dict) -> tuple[Any, EngineInfo]:
+    """The recorder of :func:`attach` / :func:`attach_async`: the engine config in the run
+    config, the checkpoint in the recording."""
     from replay.record.recorder import Recorder
 
     info = describe_llm(llm, weight_update=weight_update)
@@ -461,4 +464,150 @@ def attach(llm: Any, path: Any, *, weight_update: str = "paused", run_config: di
     rec = Recorder(path, run_config=config, **recorder_kw)
     if folder:
         rec.model(folder, store_weights=store_model_weights)
-    return RecordedLLM(llm, rec, weight_update=weight_update, engine_info=info)
+    return rec, info
+
+
+def _check_store(store: str) -> None:
+    if store not in ("delta", "full", "hash"):
+        raise BadInput(f"store must be delta, full or hash, not {store!r}", field="store")
+
+
+def _store_weights(rec: Any, version: int, state_dict: Mapping[str, Any], *, step: int | None = None,
+                  store: str = "delta") -> None:
+    """Keep weight ``version`` in the recording: "delta" against the previous version stored,
+    "full", or "hash" (its sha256 only; a replay takes it from ``--weights-from``)."""
+    import torch
+
+    _check_store(store)
+    host = {k: (v.detach().to("cpu") if isinstance(v, torch.Tensor) else v) for k, v in state_dict.items()}
+    if store == "hash":
+        from replay.store.weights import serialize_state_dict
+
+        rec.weights(version=int(version), step=step, sha256=hashlib.sha256(serialize_state_dict(host)).hexdigest())
+    else:
+        rec.weights(version=int(version), step=step, state_dict=host, delta=store == "delta")
+
+
+# ------------------------------------------------------------------ AsyncLLM
+
+# Pass as AsyncEngineArgs(worker_extension_cls=WORKER_EXTENSION): RecordedAsyncLLM.update_weights
+# then loads a state dict into the workers by method name (no pickled function on the wire).
+WORKER_EXTENSION = "replay.integrations.vllm.ReplayWorkerExtension"
+
+
+class ReplayWorkerExtension:
+    """Methods vLLM adds to its workers (``worker_extension_cls``), called by name through
+    ``collective_rpc``."""
+
+    def replay_load_weights(self, path: str) -> int:
+        """Load the safetensors file ``path`` (HF names and shapes) into the running model."""
+        from safetensors.torch import load_file
+
+        from replay.engines.vllm.args import rpc_load_weights
+
+        return rpc_load_weights(self, list(load_file(path).items()))
+
+
+class RecordedAsyncLLM:
+    """A vLLM ``AsyncLLM`` with the recorder attached (see :func:`attach_async`): requests
+    run concurrently and weight updates land while they are in flight, as in PipelineRL.
+
+    Each token's version is the one vLLM stamps on it (``CompletionOutput.weight_versions``,
+    which :meth:`update_weights` sets between two engine steps); each request is recorded
+    when it finishes, in the order it was submitted. A replay finds from those versions
+    where each update landed and when each request joined the running batch."""
+
+    def __init__(self, engine: Any, rec: Any, *, weight_update: str = "paused", version: int = 0,
+                 engine_info: EngineInfo | None = None):
+        self.engine, self.rec, self.version = engine, rec, int(version)
+        self.weight_update = weight_update
+        self.info = engine_info or describe_llm(engine, weight_update=weight_update)
+        self._generating: int | None = None   # the step whose requests are in flight
+
+    def step(self, step: int):
+        """``with run.step(k):`` marks step ``k``'s start and end (at the serving version)."""
+        return self.rec.step(step, weight_version=self.version)
+
+    async def generate(self, prompt: Any, sampling_params: Any, request_id: str, *, step: int,
+                       reward: Any = None, group_id: str | None = None, on_output: Any = None,
+                       **kw: Any) -> Any:
+        """``AsyncLLM.generate(prompt, sampling_params, request_id)`` run to its end and
+        recorded; returns the final ``RequestOutput``. ``reward``: a float (or a list of n),
+        or a function of a completion's token ids; ``on_output``: called with each output
+        streamed on the way."""
+        n = int(getattr(sampling_params, "n", 1) or 1)
+        rids = [str(request_id)] if n == 1 else [f"{request_id}:{i}" for i in range(n)]
+        for rid in rids:
+            self.rec.event("request_submitted", step=step, weight_version=self.version, request_id=rid)
+        self._generating = step
+        final = None
+        async for out in self.engine.generate(prompt, sampling_params, request_id, **kw):
+            final = out
+            if on_output is not None:
+                on_output(out)
+        if final is None:
+            raise BadInput("the engine returned no output", field="request_id", step=step, request_id=request_id)
+        if callable(reward):
+            reward = [reward(list(c.token_ids)) for c in final.outputs]
+        record_outputs(self.rec, [final], step=step, sampling_params=sampling_params, weight_version=None,
+                       group_ids=None if group_id is None else [group_id], rewards=[reward], engine_info=self.info)
+        return final
+
+    async def update_weights(self, version: int, state_dict: Mapping[str, Any], *, step: int | None = None,
+                             store: str = "delta", load: Any = None) -> None:
+        """Load ``state_dict`` as ``version`` while requests may be in flight, and record it.
+
+        vLLM's pause (``pause_generation(mode="keep", clear_cache=False)``) holds the
+        running requests between two engine steps; the weights load, vLLM's weight version
+        is set (every later token carries it), and generation resumes. ``load``: your own
+        coroutine function that loads the weights into the workers (NCCL, shared memory...);
+        without it the state dict goes through a temporary file and the engine needs
+        ``worker_extension_cls=WORKER_EXTENSION``. ``step``: the step whose requests are in
+        flight (default: the last one :meth:`generate` ran)."""
+        _check_store(store)
+        step = self._generating if step is None else step
+        if load is None and self.engine.vllm_config.parallel_config.worker_extension_cls != WORKER_EXTENSION:
+            raise BadInput("the engine has no replay worker extension to load weights with; create it with "
+                           "AsyncEngineArgs(worker_extension_cls=replay.integrations.vllm.WORKER_EXTENSION), "
+                           "or pass load= your own coroutine function", field="load", step=step)
+        # after_step null: the engine step it lands at is not counted here; the replay takes it
+        # from the tokens' versions
+        self.rec.event("weights_update_start", step=step, weight_version=int(version), mode=self.weight_update,
+                       after_step=None)
+        await self.engine.pause_generation(mode="keep", clear_cache=False)
+        try:
+            if load is not None:
+                await load()
+            else:
+                await self._load(state_dict)
+            await self.engine.update_weight_version(str(int(version)))
+        finally:
+            await self.engine.resume_generation()
+        self.version = int(version)
+        _store_weights(self.rec, self.version, state_dict, step=step, store=store)
+        self.rec.event("weights_update_end", step=step, weight_version=self.version, mode=self.weight_update)
+
+    async def _load(self, state_dict: Mapping[str, Any]) -> None:
+        import tempfile
+        from pathlib import Path
+
+        import torch
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory(prefix="replay-weights-") as tmp:
+            path = str(Path(tmp) / "weights.safetensors")
+            save_file({k: torch.as_tensor(v).detach().to("cpu").contiguous() for k, v in state_dict.items()}, path)
+            await self.engine.collective_rpc("replay_load_weights", args=(path,))
+
+    def close(self, error: BaseException | None = None) -> None:
+        self.rec.close(error=error)
+
+
+async def attach_async(engine: Any, path: Any, *, weight_update: str = "paused", run_config: dict | None = None,
+                       model: bool | str = True, store_model_weights: bool = True,
+                       **recorder_kw: Any) -> RecordedAsyncLLM:
+    """:func:`attach` for an ``AsyncLLM``: the recorder, the engine config and checkpoint in
+    it, and vLLM's weight version set to 0, so that every token says which weights made it."""
+    rec, info = _open(engine, path, weight_update, run_config, model, store_model_weights, recorder_kw)
+    await engine.update_weight_version("0")
+    return RecordedAsyncLLM(engine, rec, weight_update=weight_update, engine_info=info)

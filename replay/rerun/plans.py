@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import AbstractSet, Any, Sequence
 
 import numpy as np
 
@@ -79,7 +79,9 @@ def plan_step(rec, step: int) -> StepPlan:
             temperature=float(temp if temp is not None else 1.0), top_p=float(top_p if top_p is not None else 1.0),
             top_k=int(top_k if top_k is not None else -1), seed=seed, num_cached_tokens=cached,
             trainer_logprobs=None if tlp is None else np.asarray(tlp, np.float32))
-    serving, order, updates, modes, complete = None, [], [], [], False
+    serving, order, modes, complete = None, [], [], False
+    updates: list[WeightUpdate] = []
+    unplaced: set[int] = set()   # updates recorded without their engine step (after_step null)
     for kind, version, rid, detail in events:
         d = json.loads(detail) if detail else {}
         if kind == "step_start":
@@ -94,7 +96,9 @@ def plan_step(rec, step: int) -> StepPlan:
             if "after_step" not in d:
                 raise RecordingError(f"weights_update_start at step {step} has no after_step in its detail; "
                                      "the replayer needs the update's decode-step position", "cannot replay")
-            updates.append(WeightUpdate(version=int(version), after_step=int(d["after_step"])))
+            if d["after_step"] is None:   # landed between two engine steps the recorder did not count
+                unplaced.add(len(updates))
+            updates.append(WeightUpdate(version=int(version), after_step=int(d["after_step"] or 0)))
             modes.append(d.get("mode", "?"))
         elif kind == "step_end":
             complete = True
@@ -105,12 +109,13 @@ def plan_step(rec, step: int) -> StepPlan:
         vs = [v for r in requests for v in r.token_versions[:1]]
         serving = min(vs) if vs else 0
     versions = sorted({serving, *(u.version for u in updates), *(v for r in requests for v in r.token_versions)})
-    updates, notes = arrivals(step, requests, updates)
+    updates, notes = arrivals(step, requests, updates, unplaced)
     return StepPlan(step=step, serving=int(serving), requests=requests, updates=updates, modes=modes,
                     versions=versions, complete=complete and not missing, missing=missing, notes=notes)
 
 
-def arrivals(step: int, requests: list[RecordedRequest], updates: list) -> tuple[list, list[str]]:
+def arrivals(step: int, requests: list[RecordedRequest], updates: list,
+             unplaced: AbstractSet[int] = frozenset()) -> tuple[list, list[str]]:
     """When each request joined the step's batch, from where its tokens change version.
 
     In a batch that starts together, every request still running when an update lands
@@ -122,28 +127,46 @@ def arrivals(step: int, requests: list[RecordedRequest], updates: list) -> tuple
     changes version later than that (the recorded position then counted from another
     origin, and every update of the step moves by the same amount). A request that never
     reaches the new version is taken to have joined at 0; one whose every token has the
-    new version joined when the update landed. Sets ``arrival_step`` on each request and
-    returns the updates at their engine steps, with a note of what was inferred."""
+    new version joined when the update landed. An update in ``unplaced`` (its engine step
+    not recorded, as from a loop on ``AsyncLLM``) is placed from the tokens alone: the
+    first at the largest ``p_r``, a later one at the largest first token of its version
+    plus that request's arrival. Sets ``arrival_step`` on each request and returns the
+    updates at their engine steps, with a note of what was inferred."""
     from replay.engines.base import WeightUpdate
 
     if not updates:
         return updates, []
-    first = updates[0]
-    pos = {r.request_id: next((j for j, v in enumerate(r.token_versions) if v == first.version), None)
-           for r in requests}
+
+    def first_of(version: int) -> dict[str, int | None]:
+        return {r.request_id: next((j for j, v in enumerate(r.token_versions) if v == version), None)
+                for r in requests}
+
+    pos = first_of(updates[0].version)
     crossing = [p for p in pos.values() if p]
-    if not crossing or all(p == first.after_step for p in crossing):
+    if 0 in unplaced:   # where the tokens say; else past every token of the requests that never reached it
+        end = max((len(r.output_ids) for r in requests if pos[r.request_id] is None), default=0)
+        updates = [WeightUpdate(version=updates[0].version, after_step=max(crossing, default=end)), *updates[1:]]
+    first = updates[0]
+    together = not crossing or all(p == first.after_step for p in crossing)
+    if together:
+        top = first.after_step
         if first.after_step > 0:   # a request that only ever saw the new version joined at the update
             for r in requests:
                 if pos[r.request_id] == 0:
                     r.arrival_step = first.after_step
-        return updates, []
-    top = max(first.after_step, *crossing)
+    else:
+        top = max(first.after_step, *crossing)
+        for r in requests:
+            p = pos[r.request_id]
+            r.arrival_step = 0 if p is None else top - p
     shift = top - first.after_step
-    for r in requests:
-        p = pos[r.request_id]
-        r.arrival_step = 0 if p is None else top - p
     moved = [WeightUpdate(version=u.version, after_step=u.after_step + shift) for u in updates]
+    for i in sorted(set(unplaced) - {0}):
+        reach = [q + r.arrival_step for r in requests if (q := first_of(moved[i].version)[r.request_id])]
+        end = max((r.arrival_step + len(r.output_ids) for r in requests), default=0)
+        moved[i] = WeightUpdate(version=moved[i].version, after_step=max(reach, default=end))
+    if together:
+        return moved, []
     joined = sorted({r.arrival_step for r in requests})
     notes = [f"step {step}: requests joined the running batch at engine steps {', '.join(map(str, joined))} "
              f"(from where their tokens reach version {first.version}); replayed so"]
