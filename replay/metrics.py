@@ -44,7 +44,6 @@ METRIC_ALIASES = {
     "k3": "kl_new_old",
 }
 
-# columns of the per-step relation that step_metrics_sql() returns, in order
 def latest_scoring_sql(alias: str = "") -> str:
     """SQL sort key of a trainer row (of table ``alias``): of several scorings of one
     (step, request_id) the one with the largest key counts. That is the one made with the
@@ -61,6 +60,7 @@ def latest_scoring_key(weight_version: int | None, rank: int, time_ns: int) -> t
     return (int(weight_version is not None), weight_version or 0, -rank, time_ns)
 
 
+# columns of the per-step relation that step_metrics_sql() returns, in order
 STEP_METRIC_COLUMNS = ("step", "n_sequences", "n_tokens", "mean_abs_log_ratio", "k1",
                        "kl_new_old", "clip_rate", "ess", "chi2", "prob_diff", "entropy",
                        "reward", "lag")

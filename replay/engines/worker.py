@@ -39,7 +39,7 @@ import struct
 import sys
 import traceback
 from dataclasses import asdict
-from enum import StrEnum
+from enum import Enum
 from typing import IO, Any, BinaryIO
 
 import pyarrow as pa
@@ -50,8 +50,9 @@ from replay.engines.base import GenRequest, GenResult, ScoreRequest, ScoreResult
 PROTOCOL_VERSION = 1
 
 
-class Call(StrEnum):
-    """The messages of the protocol; the wire carries their values."""
+class Call(str, Enum):
+    """The messages of the protocol; the wire carries their values (a str mix-in, not
+    StrEnum: the V0 worker may run under an older Python)."""
 
     READY = "ready"
     PING = "ping"
@@ -64,7 +65,10 @@ class Call(StrEnum):
     CLOSE = "close"
     ERROR = "error"
 
-    def __repr__(self) -> str:   # messages quote the wire name: 'generate'
+    def __str__(self) -> str:    # messages name the wire name: generate, 'generate'
+        return self.value
+
+    def __repr__(self) -> str:
         return repr(self.value)
 
 

@@ -535,18 +535,26 @@ class RecordedAsyncLLM:
         recorded; returns the final ``RequestOutput``. ``reward``: a float (or a list of n),
         or a function of a completion's token ids; ``on_output``: called with each output
         streamed on the way."""
+        kind = getattr(getattr(sampling_params, "output_kind", None), "name", "CUMULATIVE")
+        if kind == "DELTA":
+            raise BadInput("output_kind=DELTA streams pieces of each completion; record with the default "
+                           "(CUMULATIVE) or FINAL_ONLY", field="output_kind", step=step, request_id=request_id)
         n = int(getattr(sampling_params, "n", 1) or 1)
         rids = [str(request_id)] if n == 1 else [f"{request_id}:{i}" for i in range(n)]
         for rid in rids:
             self.rec.event("request_submitted", step=step, weight_version=self.version, request_id=rid)
         self._generating = step
-        final = None
+        final, latest = None, {}
         async for out in self.engine.generate(prompt, sampling_params, request_id, **kw):
             final = out
+            for c in out.outputs:   # with n > 1 an output holds the completions that just advanced
+                latest[c.index] = c
             if on_output is not None:
                 on_output(out)
-        if final is None:
-            raise BadInput("the engine returned no output", field="request_id", step=step, request_id=request_id)
+        if final is None or len(latest) != n:
+            raise BadInput(f"the engine returned {len(latest)} of {n} completions", field="request_id",
+                           step=step, request_id=request_id)
+        final.outputs = [latest[i] for i in sorted(latest)]
         if callable(reward):
             reward = [reward(list(c.token_ids)) for c in final.outputs]
         record_outputs(self.rec, [final], step=step, sampling_params=sampling_params, weight_version=None,
@@ -563,7 +571,8 @@ class RecordedAsyncLLM:
         coroutine function that loads the weights into the workers (NCCL, shared memory...);
         without it the state dict goes through a temporary file and the engine needs
         ``worker_extension_cls=WORKER_EXTENSION``. ``step``: the step whose requests are in
-        flight (default: the last one :meth:`generate` ran)."""
+        flight (default: the last one :meth:`generate` ran); the update goes into that step's
+        plan only, so a replay is exact when one step's requests are in flight at a time."""
         _check_store(store)
         step = self._generating if step is None else step
         if load is None and self.engine.vllm_config.parallel_config.worker_extension_cls != WORKER_EXTENSION:
@@ -608,6 +617,11 @@ async def attach_async(engine: Any, path: Any, *, weight_update: str = "paused",
                        **recorder_kw: Any) -> RecordedAsyncLLM:
     """:func:`attach` for an ``AsyncLLM``: the recorder, the engine config and checkpoint in
     it, and vLLM's weight version set to 0, so that every token says which weights made it."""
+    if weight_update != "paused":
+        raise BadInput("attach_async loads weights with vLLM's pause (weight_update='paused'): an update "
+                       "without it cannot be placed between two engine steps from outside the engine; record "
+                       "such a loop with record_outputs and your own weights_update_start events",
+                       field="weight_update")
     rec, info = _open(engine, path, weight_update, run_config, model, store_model_weights, recorder_kw)
     await engine.update_weight_version("0")
     return RecordedAsyncLLM(engine, rec, weight_update=weight_update, engine_info=info)

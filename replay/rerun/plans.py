@@ -56,15 +56,16 @@ def _steps_with_rollouts(rec) -> list[int]:
 def plan_step(rec, step: int) -> StepPlan:
     """Read step ``step``'s events and rollouts from an open recording."""
     from replay.engines.base import WeightUpdate
+    from replay.metrics import latest_scoring_sql
 
     events = rec.query(
         "SELECT kind, weight_version, request_id, detail FROM events WHERE step = ? ORDER BY rank, seq",
         [step]).fetchall()
-    rows = rec.query("""
+    rows = rec.query(f"""
         SELECT r.request_id, r.group_id, r.prompt_ids, r.output_ids, r.logprobs, r.token_versions,
                r.temperature, r.top_p, r.top_k, r.seed, r.num_cached_tokens, t.logprobs
         FROM rollouts r
-        LEFT JOIN (SELECT request_id, arg_max(logprobs, time_ns) AS logprobs FROM trainer
+        LEFT JOIN (SELECT request_id, arg_max(logprobs, {latest_scoring_sql()}) AS logprobs FROM trainer
                    WHERE step = ? GROUP BY request_id) t USING (request_id)
         WHERE r.step = ?""", [step, step]).fetchall()
     if not rows and not events:
@@ -128,10 +129,11 @@ def arrivals(step: int, requests: list[RecordedRequest], updates: list,
     origin, and every update of the step moves by the same amount). A request that never
     reaches the new version is taken to have joined at 0; one whose every token has the
     new version joined when the update landed. An update in ``unplaced`` (its engine step
-    not recorded, as from a loop on ``AsyncLLM``) is placed from the tokens alone: the
-    first at the largest ``p_r``, a later one at the largest first token of its version
-    plus that request's arrival. Sets ``arrival_step`` on each request and returns the
-    updates at their engine steps, with a note of what was inferred."""
+    not recorded, as from a loop on ``AsyncLLM``) is placed from the tokens alone: at the
+    largest engine step at which a request reaches its version (``p_r`` for the first,
+    the first token of its version plus the request's arrival for a later one), and after
+    the last token of every request that ended before it. Sets ``arrival_step`` on each
+    request and returns the updates at their engine steps, with a note of what was inferred."""
     from replay.engines.base import WeightUpdate
 
     if not updates:
@@ -143,9 +145,9 @@ def arrivals(step: int, requests: list[RecordedRequest], updates: list,
 
     pos = first_of(updates[0].version)
     crossing = [p for p in pos.values() if p]
-    if 0 in unplaced:   # where the tokens say; else past every token of the requests that never reached it
-        end = max((len(r.output_ids) for r in requests if pos[r.request_id] is None), default=0)
-        updates = [WeightUpdate(version=updates[0].version, after_step=max(crossing, default=end)), *updates[1:]]
+    if 0 in unplaced:   # where the tokens say, and past every token of a request that never reached it
+        end = max((len(r.output_ids) for r in requests if _finished_before(r, pos, updates[0].version)), default=0)
+        updates = [WeightUpdate(version=updates[0].version, after_step=max([*crossing, end])), *updates[1:]]
     first = updates[0]
     together = not crossing or all(p == first.after_step for p in crossing)
     if together:
@@ -161,10 +163,15 @@ def arrivals(step: int, requests: list[RecordedRequest], updates: list,
             r.arrival_step = 0 if p is None else top - p
     shift = top - first.after_step
     moved = [WeightUpdate(version=u.version, after_step=u.after_step + shift) for u in updates]
-    for i in sorted(set(unplaced) - {0}):
-        reach = [q + r.arrival_step for r in requests if (q := first_of(moved[i].version)[r.request_id])]
-        end = max((r.arrival_step + len(r.output_ids) for r in requests), default=0)
-        moved[i] = WeightUpdate(version=moved[i].version, after_step=max(reach, default=end))
+    for i, u in enumerate(moved[1:], start=1):
+        at = first_of(u.version)
+        if i in unplaced:
+            reach = [q + r.arrival_step for r in requests if (q := at[r.request_id])]
+            before = [r.arrival_step + len(r.output_ids) for r in requests if _finished_before(r, at, u.version)]
+            moved[i] = WeightUpdate(version=u.version, after_step=max([*reach, *before, moved[i - 1].after_step]))
+        for r in requests:   # a request whose every token has this version joined when it landed
+            if at[r.request_id] == 0 and pos[r.request_id] is None:
+                r.arrival_step = moved[i].after_step
     if together:
         return moved, []
     joined = sorted({r.arrival_step for r in requests})
@@ -182,6 +189,11 @@ def arrivals(step: int, requests: list[RecordedRequest], updates: list,
             notes.append(f"step {step}: the update to version {u.version} reaches {len(off)} request(s) "
                          f"(e.g. {off[0]}) at another token than their arrival implies; the replay will differ there")
     return moved, notes
+
+
+def _finished_before(r: RecordedRequest, first: dict, version: int) -> bool:
+    """Whether ``r`` ended before the update to ``version`` landed: no token of it, nor of a later one."""
+    return first[r.request_id] is None and all(v < version for v in r.token_versions)
 
 
 def step_ranges(steps: Sequence[int]) -> str:

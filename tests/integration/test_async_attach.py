@@ -52,8 +52,9 @@ LOOP = textwrap.dedent('''
                     started.set()
             with run.step(step):
                 # ignore_eos: the sequences run on past the model's EOS, which the replay must too
+                # the last request samples two completions (n=2)
                 sps = [SamplingParams(temperature=0.9, max_tokens=32, logprobs=2, seed=3 + 10 * step + i,
-                                      ignore_eos=True) for i in range(4)]
+                                      ignore_eos=True, n=2 if i == 3 else 1) for i in range(4)]
                 tasks = [asyncio.create_task(run.generate(
                     {"prompt_token_ids": PREFIX + [35 + i, 14, 5 + step]}, sps[i], f"s{step}-r{i}", step=step,
                     reward=float(i), on_output=seen)) for i in range(4)]
@@ -87,7 +88,8 @@ def test_the_update_lands_in_flight_and_later_requests_hit_stale_blocks(recorded
                        "ORDER BY step, request_id").fetchall()
         order = [r for (r,) in rec.sql("SELECT request_id FROM events WHERE kind = 'request_submitted' "
                                        "ORDER BY seq").fetchall()]
-    assert [r[1] for r in rows] == sorted(order) and len(order) == 8
+    assert [r[1] for r in rows] == sorted(order) and len(order) == 10
+    assert {"s0-r3:0", "s0-r3:1", "s1-r3:0", "s1-r3:1"} <= set(order)
     for step, rid, versions, cached in rows:
         # every request saw both versions: the update landed while each was generating
         assert versions[0] == step and versions[-1] == step + 1, (rid, versions)

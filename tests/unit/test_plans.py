@@ -43,3 +43,20 @@ def test_an_unplaced_update_between_finished_and_new_requests_lands_after_the_fi
     moved, _ = arrivals(0, [old, new], [WeightUpdate(1, 0)], unplaced={0})
     assert [(u.version, u.after_step) for u in moved] == [(1, 5)]
     assert (old.arrival_step, new.arrival_step) == (0, 5)
+
+
+def test_an_unplaced_update_lands_after_a_request_that_ended_before_it():
+    """a (10 tokens, version 0 only) ended before the update; b reaches version 1 at its token 7:
+    the update cannot have landed before a's last token, so b joined at engine step 3."""
+    a, b = _req("a", [0] * 10), _req("b", [0] * 7 + [1] * 3)
+    moved, _ = arrivals(0, [a, b], [WeightUpdate(1, 0)], unplaced={0})
+    assert [(u.version, u.after_step) for u in moved] == [(1, 10)]
+    assert (a.arrival_step, b.arrival_step) == (0, 3)
+
+
+def test_a_request_that_only_saw_a_later_update_joined_when_it_landed():
+    a = _req("a", [0] * 4 + [1] * 4 + [2] * 4)
+    c = _req("c", [2] * 4)                      # joined after the second update
+    moved, _ = arrivals(0, [a, c], [WeightUpdate(1, 0), WeightUpdate(2, 0)], unplaced={0, 1})
+    assert [(u.version, u.after_step) for u in moved] == [(1, 4), (2, 8)]
+    assert (a.arrival_step, c.arrival_step) == (0, 8)

@@ -530,13 +530,16 @@ def test_prefills_under_prefix_caching_hit_as_one_at_a_time_in_order(model_path)
 
 def test_forced_tokens_run_on_past_an_eos_inside_them(model_path):
     """A recording made with ignore_eos holds EOS tokens mid-sequence: forcing it gives a logprob
-    for every recorded token (not a sequence cut at the EOS), the ones a run that ignored EOS gives."""
+    for every recorded token (not a sequence cut at the first EOS or stop token), and the tokens
+    up to the EOS get the logprobs of a forced run that ends there."""
     from replay.models import EOS_ID
 
-    free = ReferenceEngine(model_path, PROCESSED, ignore_eos=True)
+    raw = resolve("v1", [])   # raw logprobs: finite for any token, so the comparison below says something
+    engine = ReferenceEngine(model_path, raw)   # the replayer's engines keep EOS on
     tokens = [7, EOS_ID, 9, EOS_ID, 11, 12]
     req = dataclasses.replace(requests(n=1, max_tokens=6)[0], forced_output_ids=tokens, stop_token_ids=[9])
-    want = free.generate([req])[0]
-    got = ReferenceEngine(model_path, PROCESSED).generate([req])[0]   # the replayer's engines keep EOS on
-    assert got.output_ids == want.output_ids == tokens
-    assert got.logprobs == want.logprobs and len(got.logprobs) == len(tokens)
+    got = engine.generate([req])[0]
+    assert got.output_ids == tokens and len(got.logprobs) == len(tokens)
+    assert all(np.isfinite(got.logprobs))
+    cut = ReferenceEngine(model_path, raw).generate([dataclasses.replace(req, forced_output_ids=tokens[:2])])[0]
+    assert got.logprobs[:2] == cut.logprobs
