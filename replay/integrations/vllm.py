@@ -36,10 +36,11 @@ given.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from replay.errors import BadInput
 from replay.integrations import as_version
@@ -583,33 +584,40 @@ class RecordedAsyncLLM:
         # from the tokens' versions
         self.rec.event("weights_update_start", step=step, weight_version=int(version), mode=self.weight_update,
                        after_step=None)
-        await self.engine.pause_generation(mode="keep", clear_cache=False)
-        try:
-            if load is not None:
+        with contextlib.ExitStack() as stack:
+            if load is None:   # the file is written before the pause: generation waits only for the load
+                path = stack.enter_context(_weights_file(state_dict))
+
+                async def load() -> None:
+                    await self.engine.collective_rpc("replay_load_weights", args=(path,))
+
+            await self.engine.pause_generation(mode="keep", clear_cache=False)
+            try:
                 await load()
-            else:
-                await self._load(state_dict)
-            await self.engine.update_weight_version(str(int(version)))
-        finally:
-            await self.engine.resume_generation()
+                await self.engine.update_weight_version(str(int(version)))
+            finally:
+                await self.engine.resume_generation()
         self.version = int(version)
         _store_weights(self.rec, self.version, state_dict, step=step, store=store)
         self.rec.event("weights_update_end", step=step, weight_version=self.version, mode=self.weight_update)
 
-    async def _load(self, state_dict: Mapping[str, Any]) -> None:
-        import tempfile
-        from pathlib import Path
-
-        import torch
-        from safetensors.torch import save_file
-
-        with tempfile.TemporaryDirectory(prefix="replay-weights-") as tmp:
-            path = str(Path(tmp) / "weights.safetensors")
-            save_file({k: torch.as_tensor(v).detach().to("cpu").contiguous() for k, v in state_dict.items()}, path)
-            await self.engine.collective_rpc("replay_load_weights", args=(path,))
-
     def close(self, error: BaseException | None = None) -> None:
         self.rec.close(error=error)
+
+
+@contextlib.contextmanager
+def _weights_file(state_dict: Mapping[str, Any]) -> Iterator[str]:
+    """``state_dict`` as a temporary safetensors file (removed afterwards), for the workers to load."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory(prefix="replay-weights-") as tmp:
+        path = str(Path(tmp) / "weights.safetensors")
+        save_file({k: torch.as_tensor(v).detach().to("cpu").contiguous() for k, v in state_dict.items()}, path)
+        yield path
 
 
 async def attach_async(engine: Any, path: Any, *, weight_update: str = "paused", run_config: dict | None = None,
